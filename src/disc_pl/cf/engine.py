@@ -1,0 +1,235 @@
+"""The DISC counterfactual engine: progressive, batched, per-query inversion.
+
+This is the Python API under ``python -m disc_pl.run``; it needs no Hydra::
+
+    from disc_pl.cf import generate_counterfactuals, InversionOptions
+    out = generate_counterfactuals(classifier, images, targets, prior="inr",
+                                   manifold=DEPManifold(classifier))
+    out.images, out.status, out.target_prob
+
+``classifier`` is any module with ``forward_features(x) -> (logits, [feature maps])`` taking
+[0, 1] pixels (``ClassifierModule``, a bring-your-own wrapper, or anything duck-typed).
+
+How a batch is optimised (SPEC sections 2-5):
+1. One generator per query (``disc_pl.cf.priors``), all stored as batched tensors, is fitted
+   to reproduce its query (reconstruction stage, PSNR target).
+2. Stages k = 0..S-1 each train a growing set of generator layer groups with the semantic
+   weight relaxed by ``relax**k``. Frozen prefixes are cached by the prior.
+3. Each step runs only the *active* queries: a query leaves the batch once it is flipped with
+   the margin and has done the stage's minimum steps (so finished queries cost nothing), or
+   when its loss becomes non-finite (``diverged``: isolated, the batch goes on).
+4. The best valid iterate (lowest pixel MSE to the query among flipped ones) is kept; a query
+   that never flips returns its best attempt (highest target probability), ``not_flipped``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from disc_pl.cf.losses import SemanticLoss, functional_loss, per_sample_mse
+from disc_pl.cf.optim import RowAdam
+from disc_pl.cf.priors import Prior, build_prior
+
+FLIPPED, NOT_FLIPPED, DIVERGED = "flipped", "not_flipped", "diverged"
+TERMS = ("semantic", "manifold", "functional", "prior", "total")
+
+
+@dataclass
+class Stage:
+    """One progressive stage: which generator layer groups train, for how many steps."""
+
+    groups: list[str]
+    steps: int = 100
+    min_steps: int = 10
+
+
+@dataclass
+class InversionOptions:
+    """Every coefficient of the objective and the schedule. Defaults suit the synthetic set."""
+
+    space: str = "lso"                      # lso: classifier activations, iso: pixels
+    layers: Sequence[int] = (0, 1, 2, 3)    # feature maps compared in LSO
+    lambda_sem: float = 1.0                 # lambda1, relaxed by `relax` every stage
+    lambda_mc: float = 1.0                  # lambda2 (ignored when manifold is None)
+    lambda_fc: float = 1.0                  # lambda3
+    relax: float = 0.5                      # lambda1 *= relax per stage (paper section 3.4)
+    lr: float = 1e-3                        # Adam lr of the counterfactual stages
+    stages: list[Stage] = field(default_factory=lambda: [Stage(["all"])])
+    target_margin: float = 0.1              # flipped: argmax = target and p_t - max p_other >= margin
+    recon_steps: int = 300                  # reconstruction stage budget
+    psnr_target: float = 35.0               # reconstruction stops per query at this PSNR (dB)
+    recon_lr: float | None = None           # None: the prior's own default
+    log_every: int = 10                     # call `on_log` every N steps (0 = never)
+
+    def __post_init__(self) -> None:
+        checks = {"lr": self.lr > 0, "relax": 0 < self.relax <= 1, "lambda_sem": self.lambda_sem >= 0,
+                  "lambda_mc": self.lambda_mc >= 0, "lambda_fc": self.lambda_fc > 0,
+                  "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1}
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"inversion.{key}={getattr(self, key)!r} is out of range "
+                                 "(lr, lambda_fc > 0; lambdas >= 0; 0 < relax <= 1; "
+                                 "0 <= target_margin < 1; recon_steps >= 0)")
+        if not self.stages:
+            raise ValueError("inversion needs at least one stage (prior.stages)")
+        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        for i, s in enumerate(self.stages):
+            if s.steps <= 0 or s.min_steps < 0:
+                raise ValueError(f"stage {i}: steps={s.steps}, min_steps={s.min_steps}; "
+                                 "steps must be > 0 and min_steps >= 0")
+
+
+@dataclass
+class CounterfactualBatch:
+    """What the engine returns for B queries (all tensors on CPU)."""
+
+    images: Tensor                 # [B, C, H, W] counterfactuals (best valid or best attempt)
+    status: list[str]              # flipped | not_flipped | diverged
+    source: Tensor                 # [B] class predicted for the query
+    target: Tensor                 # [B]
+    initial_prob: Tensor           # [B] p(target | query)
+    target_prob: Tensor            # [B] p(target | counterfactual)
+    prediction: Tensor             # [B] argmax F(counterfactual)
+    steps: Tensor                  # [B] counterfactual-stage optimisation steps taken
+    recon_psnr: Tensor             # [B] PSNR of the reconstruction stage (dB)
+    seconds: float                 # wall time of the whole batch
+    losses: dict[str, Tensor] = field(default_factory=dict)  # term -> [B] at the kept iterate
+
+
+def _probs(logits: Tensor) -> Tensor:
+    return torch.softmax(logits.float(), dim=1)
+
+
+def is_flipped(logits: Tensor, target: Tensor, margin: float) -> Tensor:
+    """argmax = target and p_target - max_{c != target} p_c >= margin, per query ``[b]``."""
+    p = _probs(logits)
+    p_t = p.gather(1, target[:, None]).squeeze(1)
+    other = p.scatter(1, target[:, None], -1.0).max(1).values
+    return (p.argmax(1) == target) & (p_t - other >= margin)
+
+
+def generate_counterfactuals(
+    classifier: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    prior: str | Prior = "inr",
+    prior_hparams: Mapping | None = None,
+    manifold: nn.Module | None = None,
+    options: InversionOptions | None = None,
+    seeds: Sequence[int] | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> CounterfactualBatch:
+    """Counterfactuals for a batch of queries ``images [B,C,H,W]`` in [0, 1] towards ``targets [B]``.
+
+    ``seeds[i]`` seeds query i's generator; results for a query depend only on its image, target
+    and seed, not on the rest of the batch. See the module docstring for the algorithm.
+    """
+    opts = options or InversionOptions()
+    t_start = time.perf_counter()
+    images = images.detach()
+    B, device = images.shape[0], images.device
+    targets = torch.as_tensor(targets, device=device).long().view(-1)
+    if targets.shape[0] != B:
+        raise ValueError(f"{B} images but {targets.shape[0]} targets")
+    seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
+    classifier.eval()
+    for module in (classifier, manifold):
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    gen = prior if isinstance(prior, Prior) else build_prior(prior, images, seeds, **dict(prior_hparams or {}))
+    recon_psnr = gen.reconstruct(opts.recon_steps, opts.psnr_target, lr=opts.recon_lr) if opts.recon_steps \
+        else torch.full((B,), float("nan"))
+
+    semantic = SemanticLoss(opts.space, opts.layers)
+    with torch.no_grad():
+        logits0, feats0 = classifier.forward_features(images)
+        reference = semantic.reference(images, feats0)
+    source = logits0.argmax(1)
+    initial_prob = _probs(logits0).gather(1, targets[:, None]).squeeze(1)
+
+    best = images.clone()
+    best_dist = torch.full((B,), math.inf, device=device)     # among valid iterates
+    best_attempt_p = torch.full((B,), -1.0, device=device)   # among all iterates
+    valid_found = torch.zeros(B, dtype=torch.bool, device=device)
+    diverged = torch.zeros(B, dtype=torch.bool, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    steps = torch.zeros(B, dtype=torch.long, device=device)
+    kept_terms = {t: torch.full((B,), math.nan, device=device) for t in TERMS}
+
+    optim = RowAdam(gen.parameter_groups(["all"]), lr=opts.lr)
+    global_step = 0
+    for k, stage in enumerate(opts.stages):
+        gen.set_trainable(stage.groups)
+        lam_sem = opts.lambda_sem * opts.relax ** k
+        for it in range(stage.steps):
+            idx = active.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            x = gen(idx)
+            logits, feats = classifier.forward_features(x)
+            terms = {
+                "semantic": semantic(x, feats, [r[idx] for r in reference]),
+                "functional": functional_loss(logits, targets[idx]),
+                "prior": gen.regularizer(x, idx),
+            }
+            terms["manifold"] = (manifold(x, logits, feats, source[idx], targets[idx])
+                                 if manifold is not None else torch.zeros_like(terms["functional"]))
+            total = (lam_sem * terms["semantic"] + opts.lambda_mc * terms["manifold"]
+                     + opts.lambda_fc * terms["functional"] + terms["prior"])
+            terms["total"] = total
+            finite = torch.isfinite(total)
+            optim.zero_grad()
+            if finite.any():
+                total[finite].sum().backward()
+                optim.step(idx[finite])
+
+            with torch.no_grad():
+                # Bookkeeping on the iterate just evaluated (before this step's update).
+                bad = idx[~finite]
+                diverged[bad] = True
+                active[bad] = False
+                idx, x, logits = idx[finite], x[finite], logits[finite]
+                terms = {t: v.detach()[finite] for t, v in terms.items()}
+                steps[idx] += 1
+                valid = is_flipped(logits, targets[idx], opts.target_margin)
+                dist = per_sample_mse(x, images[idx])
+                better = valid & (dist < best_dist[idx])
+                p_t = _probs(logits).gather(1, targets[idx, None]).squeeze(1)
+                attempt = ~valid_found[idx] & ~valid & (p_t > best_attempt_p[idx])
+                keep = better | attempt
+                rows = idx[keep]
+                best[rows] = x[keep].detach()
+                best_dist[idx[better]] = dist[better]
+                best_attempt_p[idx[attempt]] = p_t[attempt]
+                for t in TERMS:
+                    kept_terms[t][rows] = terms[t][keep]
+                valid_found[idx[valid]] = True
+                done = valid & (it + 1 >= stage.min_steps)
+                active[idx[done]] = False
+            global_step += 1
+            if on_log is not None and opts.log_every and global_step % opts.log_every == 0:
+                stats = {f"cf/loss_{t}": float(v.mean()) for t, v in terms.items() if v.numel()}
+                stats.update({"cf/stage": k, "cf/active": int(active.sum()),
+                              "cf/lambda_sem": lam_sem})
+                on_log(stats)
+
+    with torch.no_grad():
+        logits_final = classifier(best)
+    # A query that found a valid iterate before diverging still has a valid counterfactual.
+    status = [FLIPPED if v else (DIVERGED if d else NOT_FLIPPED)
+              for d, v in zip(diverged.tolist(), valid_found.tolist())]
+    return CounterfactualBatch(
+        images=best.cpu(), status=status, source=source.cpu(), target=targets.cpu(),
+        initial_prob=initial_prob.cpu(),
+        target_prob=_probs(logits_final).gather(1, targets[:, None]).squeeze(1).cpu(),
+        prediction=logits_final.argmax(1).cpu(), steps=steps.cpu(), recon_psnr=recon_psnr.cpu(),
+        seconds=time.perf_counter() - t_start, losses={t: v.cpu() for t, v in kept_terms.items()},
+    )

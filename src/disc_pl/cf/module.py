@@ -1,0 +1,135 @@
+"""Running the engine through the Lightning Trainer.
+
+``InversionModule.predict_step`` optimises one batch of queries (each with its own generator)
+and returns per-query rows; ``CounterfactualWriter`` persists every batch as soon as it is done
+(each rank its own files), so the same code runs on CPU, one GPU or many GPUs / nodes, and a
+killed run resumes. The Trainer must be built with ``inference_mode=False`` (gradients flow
+inside ``predict_step``); ``InversionModule`` checks that.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from disc_pl.cf.engine import InversionOptions, generate_counterfactuals
+from disc_pl.cf.results import write_part
+from disc_pl.metrics import functional as M
+
+
+class QueryDataset(Dataset):
+    """Queries drawn from a dataset split: image, target, a stable id and a per-query seed.
+
+    ``ground_truth`` (optional) = (cf_images [N,C,H,W], masks [N,1,H,W]) aligned with ``indices``.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int], targets: Sequence[int], seed: int,
+                 ground_truth: tuple[Tensor, Tensor] | None = None) -> None:
+        if len(indices) != len(targets):
+            raise ValueError("one target per query index is needed")
+        self.base, self.indices, self.targets = base, list(indices), list(targets)
+        self.seed = int(seed)
+        self.ground_truth = ground_truth
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[self.indices[i]]
+        qid = int(self.indices[i])
+        out = {"image": item["image"], "label": item["label"], "query_id": qid,
+               "target": self.targets[i], "seed": query_seed(self.seed, qid)}
+        if self.ground_truth is not None:
+            out["gt_image"] = self.ground_truth[0][i]
+            out["gt_mask"] = self.ground_truth[1][i]
+        return out
+
+
+def query_seed(run_seed: int, query_id: int) -> int:
+    """A query's generator seed: a function of the run seed and the query id only, so a query
+    gets the same generator whichever batch, rank or resumed run processes it."""
+    return (int(run_seed) * 1_000_003 + int(query_id) * 7_919 + 17) % (2**31 - 1)
+
+
+def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None) -> list[dict]:
+    """One flat row per query: identity, outcome and figures (see README, results.csv)."""
+    x, x_cf = batch["image"].detach().cpu(), out.images
+    figures = {"mse": M.mse(x, x_cf), "concentration": M.concentration(x, x_cf)}
+    if "gt_image" in batch:
+        gt, mask = batch["gt_image"].cpu(), batch["gt_mask"].cpu().bool()
+        figures["gt_distance"] = M.relative_gt_distance(x, x_cf, gt)
+        figures["in_mask"] = M.in_mask_fraction(x, x_cf, mask)
+        figures["mask_iou"] = M.mask_iou(x, x_cf, mask)
+    name = (lambda c: class_names[c]) if class_names else str
+    rows = []
+    per_query_seconds = out.seconds / max(len(out.status), 1)
+    for i, status in enumerate(out.status):
+        row = {"query_id": int(batch["query_id"][i]), "label": int(batch["label"][i]),
+               "source": name(int(out.source[i])), "target": name(int(out.target[i])),
+               "initial_prob": float(out.initial_prob[i]), "target_prob": float(out.target_prob[i]),
+               "prediction": name(int(out.prediction[i])), "flipped": status == "flipped",
+               "status": status}
+        row.update({k: float(v[i]) for k, v in figures.items()})
+        row.update({"steps": int(out.steps[i]), "seconds": per_query_seconds,
+                    "recon_psnr": float(out.recon_psnr[i])})
+        row.update({f"loss_{t}": float(v[i]) for t, v in out.losses.items()})
+        rows.append(row)
+    return rows
+
+
+class InversionModule(pl.LightningModule):
+    """Generates counterfactuals in ``predict_step``; holds no trainable parameters of its own.
+
+    The classifier (and manifold model) are submodules so the Trainer moves them to the device;
+    each batch's generators are created, fitted and discarded inside ``predict_step``.
+    """
+
+    def __init__(self, classifier: nn.Module, manifold: nn.Module | None, prior: str,
+                 prior_hparams: Mapping, options: InversionOptions,
+                 class_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.manifold = manifold
+        self.prior_name = prior
+        self.prior_hparams = dict(prior_hparams)
+        self.options = options
+        self.class_names = list(class_names) if class_names else None
+        self._log_step = 0
+
+    def _log(self, stats: dict[str, float]) -> None:
+        self._log_step += 1
+        if self.logger is not None:
+            self.logger.log_metrics(stats, step=self._log_step)
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("InversionModule needs Trainer(inference_mode=False): counterfactual "
+                               "generation backpropagates inside predict_step")
+        with torch.enable_grad():
+            out = generate_counterfactuals(
+                self.classifier, batch["image"], batch["target"], prior=self.prior_name,
+                prior_hparams=self.prior_hparams, manifold=self.manifold, options=self.options,
+                seeds=[int(s) for s in batch["seed"]], on_log=self._log)
+        return {"rows": query_rows(batch, out, self.class_names),
+                "query_id": torch.as_tensor(batch["query_id"]).cpu(),
+                "query": batch["image"].detach().cpu(), "counterfactual": out.images}
+
+
+class CounterfactualWriter(BasePredictionWriter):
+    """Persists each finished batch at once (atomic file per batch and rank)."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.written = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        write_part(self.out_dir, trainer.global_rank, prediction["rows"], prediction["query_id"],
+                   prediction["query"], prediction["counterfactual"])
+        self.written += len(prediction["rows"])
