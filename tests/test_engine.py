@@ -7,7 +7,7 @@ import torch
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals, is_flipped
 from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
 
-SMALL_INR = dict(n_frequencies=64, hidden=64, depth=2)
+SMALL_INR = dict(n_frequencies=64, sigma=3.0, first_omega0=3.0, hidden=64, depth=2)
 
 
 def options(**kw) -> InversionOptions:

@@ -17,7 +17,7 @@ from disc_pl import run as run_lib
 TOY = ["dataset.n_train=1200", "dataset.n_val=200", "dataset.n_test=300",
        "models.classifier.width=8", "models.classifier.fit.trainer.max_epochs=3",
        "models.classifier.lr=3e-3", "trainer.enable_progress_bar=false",
-       "prior.hidden=64", "prior.n_frequencies=64", "prior.depth=2", "prior.stages=[[out],[hidden1,out],[all]]",
+       "prior.hparams.hidden=64", "prior.hparams.depth=2", "prior.stages=[[out],[hidden1,out],[all]]",
        "prior.recon.max_steps=100", "prior.recon.psnr_target=28",
        "inversion.steps_per_stage=50", "query.count=6", "query.batch_size=3", "logger=none"]
 

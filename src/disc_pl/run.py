@@ -26,12 +26,12 @@ from disc_pl.cf.engine import InversionOptions, Stage
 from disc_pl.cf.losses import DEPManifold, DUQManifold
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
 from disc_pl.cf.results import finished_query_ids, merge_parts, write_json, write_results_table
+from disc_pl.data.corruptions import corrupted
 from disc_pl.models.cache import ensure_model, load_classifier, load_duq
 from disc_pl.viz import save_grid
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-PRIOR_KEYS = ("name", "recon", "stages", "lr")  # prior yaml keys that are not generator hparams
 
 
 def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, str, dict]:
@@ -43,10 +43,10 @@ def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, str, dict]:
     options = InversionOptions(
         space=space.name, layers=tuple(space.layers), lambda_sem=float(space.lambda_sem),
         lambda_mc=float(manifold.lambda_mc), lambda_fc=float(inv.lambda_fc), relax=float(inv.relax),
-        lr=float(prior.get("lr") or inv.lr), stages=stages, target_margin=float(inv.target_margin),
+        lr=float(prior.lr), stages=stages, target_margin=float(inv.target_margin),
         recon_steps=int(recon.get("max_steps", 0)), psnr_target=float(recon.get("psnr_target", 35.0)),
         recon_lr=recon.get("lr"), log_every=int(inv.log_every))
-    hparams = {k: v for k, v in OmegaConf.to_container(prior, resolve=True).items() if k not in PRIOR_KEYS}
+    hparams = dict(OmegaConf.to_container(prior.get("hparams") or {}, resolve=True))  # generator hparams
     return options, str(prior.name), hparams
 
 
@@ -126,6 +126,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     options, prior_name, prior_hparams = inversion_options(cfg)  # validates before any training
     dm = instantiate(cfg.dataset)
     dm.setup()
+    # Test-time corruption of the queries only (paper Figure 8); validated before any training.
+    query_data = corrupted(dm.dataset(cfg.query.split), cfg.query.get("corruption"), int(cfg.seed))
     classifier = load_classifier(ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer,
                                               cfg.seed, cfg.cache_dir))
     manifold = build_manifold(cfg, classifier)
@@ -138,7 +140,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     logger = build_logger(cfg, out_dir)
     if todo:
         gt = dm.ground_truth(cfg.query.split, todo) if dm.has_ground_truth else None
-        queries = QueryDataset(dm.dataset(cfg.query.split), todo, [target] * len(todo), cfg.seed, gt)
+        queries = QueryDataset(query_data, todo, [target] * len(todo), cfg.seed, gt)
         loader = torch.utils.data.DataLoader(queries, batch_size=int(cfg.query.batch_size),
                                              shuffle=False, num_workers=int(cfg.query.num_workers))
         module = InversionModule(classifier, manifold, prior_name, prior_hparams, options, dm.class_names)

@@ -1,0 +1,369 @@
+"""Image priors (SPEC section 3): B independent per-query generators, batched.
+
+A prior holds, for a batch of B query images, one generator per query whose parameters are
+rows of batched tensors (dim 0 = query). The generator is a chain of named layer groups
+(``prior.groups``, input->output); the progressive schedule (SPEC section 5) trains a suffix
+of them, and the output of the frozen prefix is computed once and cached.
+
+Per-query independence: everything random about query i (DIP noise input and its fitting
+perturbation, INR Fourier matrix, all initial weights) is drawn from ``torch.Generator``
+seeded with ``seeds[i]``, and losses are summed over queries, so query i's result does not
+depend on B or on the other queries (up to float round-off of batched kernels).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from disc_pl.cf.optim import RowAdam
+from disc_pl.nets.siren import BatchedFourierSiren
+from disc_pl.nets.unet import BatchedSkipNet
+
+State = Tensor | tuple[Tensor, ...]
+
+
+def psnr(mse: Tensor) -> Tensor:
+    """PSNR in dB of images in [0, 1] from their MSE; capped at 100 dB (exact match)."""
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+def _take(state: State, idx: Tensor | None) -> State:
+    if idx is None:
+        return state
+    if isinstance(state, Tensor):
+        return state[idx]
+    return tuple(t[idx] for t in state)
+
+
+class Prior(nn.Module, ABC):
+    """Base class: the group chain, trainable groups, the frozen-prefix cache, reconstruction.
+
+    Subclasses set ``groups``, ``default_recon_lr`` and implement ``_input``, ``_run_group``,
+    ``_group_parameters`` (and ``default_stages``, ``regularizer`` if they differ)."""
+
+    groups: tuple[str, ...]
+    default_recon_lr: float
+
+    def __init__(self, images: Tensor, seeds: Sequence[int]) -> None:
+        super().__init__()
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        if len(seeds) != images.shape[0]:
+            raise ValueError(f"need one seed per query: {images.shape[0]} images, {len(seeds)} seeds")
+        self.register_buffer("images", images.detach().clone(), persistent=False)
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self._trainable: tuple[str, ...] = ()
+        self._first_trainable = 0  # groups before this index are frozen and cached
+        self._cache: State | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
+
+    # -- subclass hooks -------------------------------------------------------------------
+    @abstractmethod
+    def _input(self, idx: Tensor | None, perturb: bool) -> State:
+        """State fed to the first group for rows idx (perturb: add fitting noise, DIP only)."""
+
+    @abstractmethod
+    def _run_group(self, name: str, state: State, idx: Tensor | None) -> State:
+        """The state after group ``name`` for rows idx."""
+
+    @abstractmethod
+    def _group_parameters(self, name: str) -> list[Tensor]:
+        """The batched parameter tensors of group ``name``."""
+
+    def _image(self, state: State) -> Tensor:
+        """The image [b, C, H, W] from the state after the last group."""
+        return state if isinstance(state, Tensor) else state[0]
+
+    # -- public API -----------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def default_stages(self) -> list[list[str]]:
+        return [["all"]]
+
+    def regularizer(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
+        """Per-query prior penalty ``[b]`` added to the objective; zero for network priors."""
+        return x.new_zeros(x.shape[0])
+
+    def resolve_groups(self, groups: Sequence[str] | str) -> tuple[str, ...]:
+        """Group names (``"all"`` expanded) in input->output order; unknown -> ValueError."""
+        groups = [groups] if isinstance(groups, str) else list(groups)
+        unknown = [g for g in groups if g != "all" and g not in self.groups]
+        if unknown:
+            raise ValueError(
+                f"unknown {type(self).__name__} group(s) {unknown}; valid groups are "
+                f"{list(self.groups)} or 'all'"
+            )
+        return self.groups if "all" in groups else tuple(g for g in self.groups if g in groups)
+
+    def parameter_groups(self, groups: Sequence[str] | str) -> list[Tensor]:
+        return [p for g in self.resolve_groups(groups) for p in self._group_parameters(g)]
+
+    def set_trainable(self, groups: Sequence[str] | str) -> None:
+        names = self.resolve_groups(groups)
+        for g in self.groups:
+            for p in self._group_parameters(g):
+                p.requires_grad_(g in names)
+        self._trainable = names
+        self._first_trainable = self.groups.index(names[0]) if names else len(self.groups)
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Forget the cached frozen prefix (call after changing frozen parameters by hand)."""
+        self._cache = None
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.double(): the cache would be stale
+        self.clear_cache()
+        return super()._apply(fn, recurse)
+
+    def _run(self, state: State, start: int, stop: int, idx: Tensor | None) -> State:
+        for name in self.groups[start:stop]:
+            state = self._run_group(name, state, idx)
+        return state
+
+    def _rows(self, idx: Tensor | Sequence[int] | None) -> Tensor | None:
+        return None if idx is None else torch.as_tensor(idx, device=self.images.device).long().flatten()
+
+    def forward(self, idx: Tensor | Sequence[int] | None = None, perturb: bool = False) -> Tensor:
+        """Images ``[b, C, H, W]`` in [0, 1] of query rows idx (None = all B).
+
+        perturb=True (used while reconstructing) adds the prior's fitting noise and bypasses
+        the cache."""
+        idx = self._rows(idx)
+        start = 0 if perturb else self._first_trainable
+        if start == 0:
+            state = self._input(idx, perturb)
+        else:
+            if self._cache is None:
+                with torch.no_grad():
+                    self._cache = self._run(self._input(None, False), 0, start, None)
+            state = _take(self._cache, idx)
+        return self._image(self._run(state, start, len(self.groups), idx))
+
+    def reconstruct(self, max_steps: int, psnr_target: float, lr: float | None = None) -> Tensor:
+        """Fit every generator to its own query (pixel MSE), batched, with RowAdam.
+
+        Query i stops (and is frozen exactly) at the first step where its PSNR reaches
+        ``psnr_target`` (dB, measured on the output of that step's forward). Trainable groups
+        are restored afterwards. Returns the final PSNR per query ``[B]`` (clean output)."""
+        previous = self._trainable
+        self.set_trainable(["all"])
+        params = self.parameter_groups(["all"])
+        optimizer = RowAdam(params, self.default_recon_lr if lr is None else lr) if params else None
+        active = torch.ones(self.batch_size, dtype=torch.bool, device=self.images.device)
+        with torch.enable_grad():
+            for _ in range(max_steps):
+                rows = active.nonzero().flatten()
+                if rows.numel() == 0:
+                    break
+                idx = None if rows.numel() == self.batch_size else rows
+                mse = (self(idx, perturb=True) - self.images[rows]).square().flatten(1).mean(1)
+                done = psnr(mse.detach()) >= psnr_target
+                active[rows[done]] = False
+                if optimizer is None or bool(done.all()):
+                    continue
+                optimizer.zero_grad()
+                mse.sum().backward()  # a sum: each query's gradient is that of its own MSE
+                optimizer.step(rows[~done])
+        if optimizer is not None:
+            optimizer.zero_grad()
+        self.set_trainable(previous)
+        with torch.no_grad():
+            return psnr((self() - self.images).square().flatten(1).mean(1))
+
+
+class _ClampInward(torch.autograd.Function):
+    """clamp(x, 0, 1) whose gradient passes inside [0, 1] and, outside, only where a descent
+    step moves x back towards [0, 1]: a plain clamp would kill the gradient of saturated
+    pixels, a plain straight-through would let them drift arbitrarily far out."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad.masked_fill(((x < 0) & (grad > 0)) | ((x > 1) & (grad < 0)), 0)
+
+
+class TVPrior(Prior):
+    """Free pixels initialised at the query, regularised by TV + L2 (paper eq. 4).
+
+    Regulariser per query, all terms as means so they do not scale with image size:
+        alpha_tv * (mean |dx|^beta + mean |dy|^beta) + alpha_l2 * mean x^2
+    With beta = 2 this is SPEC's anisotropic squared TV. An i.i.d. perturbation of amplitude
+    a raises the TV term by ~4 a^2, i.e. alpha_tv = 0.1 weighs noise at ~0.4x a pixel MSE of
+    weight 1 (a deliberately weak prior, as the paper's TV+L2 baseline); alpha_l2 = 1e-3
+    only discourages saturating pixels (the mean of x^2 is ~0.3 for natural images)."""
+
+    groups = ("pixels",)
+    default_recon_lr = 0.01  # unused: the pixels start exactly at the query
+
+    def __init__(
+        self,
+        images: Tensor,
+        seeds: Sequence[int],
+        alpha_tv: float = 0.1,
+        alpha_l2: float = 1e-3,
+        tv_beta: float = 2.0,
+    ) -> None:
+        super().__init__(images, seeds)
+        if tv_beta < 1:
+            raise ValueError(f"tv_beta must be >= 1 (|d|^beta is not differentiable at 0 below), got {tv_beta}")
+        self.alpha_tv, self.alpha_l2, self.tv_beta = alpha_tv, alpha_l2, tv_beta
+        self.pixels = nn.Parameter(images.detach().clone())  # [B, C, H, W], clamped in forward
+        self.set_trainable(["all"])
+
+    @property
+    def default_stages(self) -> list[list[str]]:
+        # Three stages so the semantic weight relaxes as often as for the network priors.
+        return [["pixels"], ["pixels"], ["pixels"]]
+
+    def _input(self, idx: Tensor | None, perturb: bool) -> State:
+        return ()
+
+    def _run_group(self, name: str, state: State, idx: Tensor | None) -> State:
+        return _ClampInward.apply(self.pixels if idx is None else self.pixels[idx])
+
+    def _group_parameters(self, name: str) -> list[Tensor]:
+        return [self.pixels]
+
+    def regularizer(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
+        dy = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().pow(self.tv_beta).flatten(1).mean(1)
+        dx = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().pow(self.tv_beta).flatten(1).mean(1)
+        return self.alpha_tv * (dx + dy) + self.alpha_l2 * x.square().flatten(1).mean(1)
+
+
+class _NetPrior(Prior):
+    """A prior whose generator is a batched net with ``groups``, ``blocks`` and ``run_group``."""
+
+    def _set_net(self, net: BatchedSkipNet | BatchedFourierSiren) -> None:
+        self.net = net.to(self.images.device)
+        self.groups = net.groups
+        self.set_trainable(["all"])
+
+    def _run_group(self, name: str, state: State, idx: Tensor | None) -> State:
+        return self.net.run_group(name, state, idx)
+
+    def _group_parameters(self, name: str) -> list[Tensor]:
+        return list(self.net.blocks[name].parameters())
+
+
+def _max_dip_scales(h: int, w: int) -> int:
+    """Most halvings of an h x w image that stay exact and leave more than one pixel."""
+    s = 0
+    while h % 2 ** (s + 1) == 0 and w % 2 ** (s + 1) == 0 and (h * w) >> (2 * s + 2) >= 2:
+        s += 1
+    return s
+
+
+class DIPPrior(_NetPrior):
+    """Deep Image Prior: x_i = f_theta_i(z_i), a per-query skip encoder-decoder (nets.unet).
+
+    Defaults are the reference DIP values (5 scales x 128 channels, 4 skip channels, 32-channel
+    noise U(0,1)*0.1, Adam lr 0.01, fitting perturbation std 1/30); conf/prior/dip.yaml uses
+    smaller CPU-friendly sizes. Groups: enc0..enc{S-1}, dec{S-1}..dec0 (dec0 finest), out."""
+
+    default_recon_lr = 0.01
+
+    def __init__(
+        self,
+        images: Tensor,
+        seeds: Sequence[int],
+        scales: int = 5,
+        channels: int = 128,
+        skip_channels: int = 4,
+        input_channels: int = 32,
+        input_scale: float = 0.1,
+        input_noise_std: float = 1 / 30,
+    ) -> None:
+        super().__init__(images, seeds)
+        _, c, h, w = images.shape
+        allowed = _max_dip_scales(h, w)
+        if not 1 <= scales <= allowed:
+            step = 2**scales
+            raise ValueError(
+                f"DIP prior: image size {h}x{w} does not fit scales={scales}: height and width "
+                f"must be divisible by 2**scales = {step}, with more than one pixel left at the "
+                f"coarsest scale (instance norm); use image sizes that are multiples of {step} "
+                f"(and larger than {step}x{step}), or 1 <= scales <= {allowed} for {h}x{w}"
+            )
+        self.input_noise_std = input_noise_std
+        z = torch.stack([torch.rand(input_channels, h, w, generator=g) for g in self.generators])
+        self.register_buffer("z", z.to(images) * input_scale, persistent=False)
+        self._set_net(BatchedSkipNet(self.generators, input_channels, c, channels, skip_channels, scales))
+
+    @property
+    def default_stages(self) -> list[list[str]]:
+        # SPEC section 5: decoder output + finest scale -> + middle scales -> all.
+        scales = (len(self.groups) - 1) // 2
+        middle = [f"dec{i}" for i in range(scales // 2, 0, -1)]
+        return [["dec0", "out"], [*middle, "dec0", "out"], ["all"]]
+
+    def _input(self, idx: Tensor | None, perturb: bool) -> State:
+        z = self.z if idx is None else self.z[idx]
+        if perturb and self.input_noise_std > 0:
+            rows = range(self.batch_size) if idx is None else idx.tolist()
+            noise = torch.stack([torch.randn(z.shape[1:], generator=self.generators[i]) for i in rows])
+            z = z + noise.to(z) * self.input_noise_std
+        return (z,)
+
+
+class INRPrior(_NetPrior):
+    """Implicit neural representation: x_i(v) = MLP_i(gamma_i(v)), Fourier features + SIREN.
+
+    Defaults: the paper's Fourier mapping (256 frequencies, sigma = 10 cycles per image, for
+    96x96 images), SPEC's 3 x 256 hidden layers, SIREN's omega0 = 30 in the hidden layers but
+    first_omega0 = 3 in the first: measured on 32x32 structured images (fit half of the pixels
+    for 150 steps, PSNR on the other half), sigma = 3 gave 24.1 / 23.5 / 20.5 dB held out for
+    first_omega0 = 3 / 10 / 30 (all fit the training pixels to > 42 dB), sigma = 6 gave
+    15.4 / 15.6 / 13.0 dB: SIREN's 30 on top of Fourier features, or a sigma too high for the
+    resolution, makes a prior that fits but does not interpolate. conf/prior/inr.yaml has the
+    CPU-sized values for 32x32. Groups: hidden0..hidden{D-1}, out.
+
+    Memory: the Fourier features are stored per query, [B, H*W, 2F] floats (32 queries of
+    96x96 with F = 256: 0.6 GB); the cached frozen activations are [B, H*W, hidden]."""
+
+    default_recon_lr = 1e-3
+
+    def __init__(
+        self,
+        images: Tensor,
+        seeds: Sequence[int],
+        n_frequencies: int = 256,
+        sigma: float = 10.0,
+        hidden: int = 256,
+        depth: int = 3,
+        omega0: float = 30.0,
+        first_omega0: float = 3.0,
+    ) -> None:
+        super().__init__(images, seeds)
+        _, c, h, w = images.shape
+        self._set_net(BatchedFourierSiren(
+            self.generators, h, w, c, n_frequencies, sigma, hidden, depth, omega0, first_omega0
+        ))
+
+    @property
+    def default_stages(self) -> list[list[str]]:
+        # SPEC section 5: last layer -> last half of the groups -> all.
+        return [["out"], list(self.groups[len(self.groups) // 2 :]), ["all"]]
+
+    def _input(self, idx: Tensor | None, perturb: bool) -> State:
+        return self.net.features if idx is None else self.net.features[idx]
+
+
+PRIORS: dict[str, type[Prior]] = {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior}
+
+
+def build_prior(name: str, images: Tensor, seeds: Sequence[int], **hparams) -> Prior:
+    """The prior ``name`` (tv | dip | inr) for query images [B, C, H, W] in [0, 1]."""
+    if name not in PRIORS:
+        raise ValueError(f"unknown prior {name!r}; choose one of {sorted(PRIORS)}")
+    return PRIORS[name](images, seeds, **hparams)

@@ -1,0 +1,103 @@
+"""Batched Fourier-feature SIREN (Tancik et al. 2020 + Sitzmann et al. 2020): B independent MLPs.
+
+Query i represents its image as x_i(v) = sigmoid(W_out h_D(v) + b_out) with
+
+    gamma_i(v) = [cos(2 pi B_i v), sin(2 pi B_i v)]        v in [0,1)^2, B_i [F, 2] ~ N(0, sigma^2)
+    h_1 = sin(first_omega0 * (W_1 gamma_i(v) + b_1))
+    h_k = sin(omega0 * (W_k h_{k-1} + b_k))                 k = 2..D
+
+Each layer stores the weights of all queries as ``[B, in, out]`` and runs them as one
+``torch.baddbmm`` over ``[b, N, in]`` activations (N = H*W pixels). The Fourier features of all
+queries are computed once (``features`` buffer ``[B, N, 2F]``) from a shared pixel grid.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _rows(t: Tensor, idx: Tensor | None) -> Tensor:
+    return t if idx is None else t[idx]
+
+
+def pixel_grid(height: int, width: int) -> Tensor:
+    """[H*W, 2] coordinates (row, column) / size in [0, 1)^2, row-major pixel order."""
+    ys = torch.arange(height, dtype=torch.float32) / height
+    xs = torch.arange(width, dtype=torch.float32) / width
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+class BatchedLinear(nn.Module):
+    """B independent linear maps [b, N, in] -> [b, N, out] with optional sin(omega * .)."""
+
+    def __init__(self, batch: int, cin: int, cout: int, weight_bound: float, omega: float | None) -> None:
+        super().__init__()
+        self.weight_bound, self.omega = weight_bound, omega
+        self.weight = nn.Parameter(torch.empty(batch, cin, cout))
+        self.bias = nn.Parameter(torch.empty(batch, 1, cout))
+
+    @torch.no_grad()
+    def reset_row(self, row: int, gen: torch.Generator) -> None:
+        # SIREN init for the weights; biases as nn.Linear: U(-1/sqrt(in), 1/sqrt(in)).
+        cin = self.weight.shape[1]
+        self.weight[row] = (torch.rand(self.weight.shape[1:], generator=gen) * 2 - 1) * self.weight_bound
+        self.bias[row] = (torch.rand(self.bias.shape[1:], generator=gen) * 2 - 1) / math.sqrt(cin)
+
+    def forward(self, h: Tensor, idx: Tensor | None = None) -> Tensor:
+        out = torch.baddbmm(_rows(self.bias, idx), h, _rows(self.weight, idx))
+        return out if self.omega is None else torch.sin(self.omega * out)
+
+
+class BatchedFourierSiren(nn.Module):
+    """B independent Fourier-feature SIRENs for H x W images with ``out_channels`` channels.
+
+    Groups (input->output): ``hidden0 .. hidden{D-1}, out``. ``run_group(name, h, idx)`` maps
+    activations ``[b, N, d]``; start from ``features`` (rows idx); ``out`` returns the image
+    ``[b, C, H, W]`` in [0, 1].
+    """
+
+    def __init__(
+        self,
+        generators: list[torch.Generator],
+        height: int,
+        width: int,
+        out_channels: int,
+        n_frequencies: int,
+        sigma: float,
+        hidden: int,
+        depth: int,
+        omega0: float,
+        first_omega0: float,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"INR depth must be >= 1 hidden layer, got {depth}")
+        batch = len(generators)
+        self.height, self.width = height, width
+        freqs = torch.stack([torch.randn(2, n_frequencies, generator=g) * sigma for g in generators])
+        proj = 2 * math.pi * pixel_grid(height, width) @ freqs  # [B, N, F]
+        # Derived from the seeds, so not saved in checkpoints.
+        self.register_buffer("features", torch.cat([proj.cos(), proj.sin()], dim=-1), persistent=False)
+
+        blocks: dict[str, nn.Module] = {}
+        cin = 2 * n_frequencies
+        for k in range(depth):
+            omega = first_omega0 if k == 0 else omega0
+            bound = 1.0 / cin if k == 0 else math.sqrt(6.0 / cin) / omega0
+            blocks[f"hidden{k}"] = BatchedLinear(batch, cin, hidden, bound, omega)
+            cin = hidden
+        blocks["out"] = BatchedLinear(batch, cin, out_channels, math.sqrt(6.0 / cin) / omega0, None)
+        self.blocks = nn.ModuleDict(blocks)
+        self.groups = tuple(blocks)
+        for row, gen in enumerate(generators):
+            for block in self.blocks.values():
+                block.reset_row(row, gen)
+
+    def run_group(self, name: str, h: Tensor, idx: Tensor | None = None) -> Tensor:
+        h = self.blocks[name](h, idx)
+        if name != "out":
+            return h
+        # [b, N, C] -> image [b, C, H, W] in [0, 1]
+        return torch.sigmoid(h).transpose(1, 2).reshape(h.shape[0], -1, self.height, self.width)

@@ -1,0 +1,245 @@
+"""Behavioural tests of the per-query image priors (tv / dip / inr) and RowAdam."""
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from disc_pl.cf.optim import RowAdam
+from disc_pl.cf.priors import DIPPrior, INRPrior, TVPrior, build_prior
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "prior"
+
+# Tiny but structurally complete generators (the yaml sizes are tested in test_configs_build).
+TINY = {
+    "tv": {},
+    "dip": dict(scales=2, channels=8, skip_channels=4, input_channels=8),
+    "inr": dict(n_frequencies=32, hidden=64, depth=2, sigma=3.0),
+}
+FIT = {"tv": (1, None), "dip": (150, 0.02), "inr": (60, 2e-3)}  # (steps, lr) to reach 30 dB
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny kernels on a shared, oversubscribed CPU: intra-op threads only add sync waits
+    # (measured: ~250x slower per DIP step with 2 threads under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def structured(n: int, channels: int = 3, size: int = 16) -> torch.Tensor:
+    """n different images [n, C, size, size]: a gradient, a bright rectangle and a dark disc."""
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    images = []
+    for i in range(n):
+        img = torch.stack([0.2 + 0.5 * ys * (c + 1) / channels + 0.3 * xs * (i + 1) / n for c in range(channels)])
+        img[:, size // 4 : size // 2, size // 4 : 3 * size // 4] = 0.9 - 0.2 * i / n
+        disc = (ys - 0.7) ** 2 + (xs - 0.3 - 0.1 * i) ** 2 < 0.03
+        img[:, disc] = 0.05
+        images.append(img.clamp(0, 1))
+    return torch.stack(images)
+
+
+@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+def test_fits_structured_image(name):
+    images = structured(1)
+    prior = build_prior(name, images, [0], **TINY[name])
+    steps, lr = FIT[name]
+    psnr = prior.reconstruct(steps, psnr_target=30, lr=lr)
+    assert psnr.shape == (1,)
+    assert psnr.item() >= 28
+    out = prior()
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+def test_batched_reconstruction_equals_single(name):
+    images, seeds = structured(3), [7, 3, 11]
+    steps = 25
+    batched = build_prior(name, images, seeds, **TINY[name])
+    # A target between the queries' PSNRs makes some stop early (row-subset path).
+    psnr_b = batched.reconstruct(steps, psnr_target=22, lr=FIT[name][1])
+    for i in range(3):
+        single = build_prior(name, images[i : i + 1], seeds[i : i + 1], **TINY[name])
+        psnr_s = single.reconstruct(steps, psnr_target=22, lr=FIT[name][1])
+        torch.testing.assert_close(single(), batched()[i : i + 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(psnr_s, psnr_b[i : i + 1], atol=1e-2, rtol=0)
+
+
+def test_seed_determines_initialisation():
+    images = structured(2)
+    a = build_prior("inr", images, [1, 2], **TINY["inr"])()
+    b = build_prior("inr", images.flip(0), [2, 1], **TINY["inr"])()
+    torch.testing.assert_close(a, b.flip(0), atol=1e-5, rtol=0)
+    assert (a[0] - a[1]).abs().max() > 1e-3  # different seeds -> different generators
+
+
+@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+def test_rows_match_full_output(name):
+    prior = build_prior(name, structured(4), [0, 1, 2, 3], **TINY[name])
+    idx = torch.tensor([2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(prior(idx), prior()[idx])
+        prior.set_trainable(prior.groups[-1:])  # cached prefix path
+        torch.testing.assert_close(prior(idx), prior()[idx])
+
+
+@pytest.mark.parametrize(
+    "name, trainable", [("dip", ["dec0", "out"]), ("dip", ["dec1", "dec0", "out"]), ("inr", ["hidden1", "out"])]
+)
+def test_cached_prefix_same_output_and_gradients_computed_once(name, trainable):
+    images = structured(3)
+    prior = build_prior(name, images, [0, 1, 2], **TINY[name])
+    idx = torch.tensor([2, 1])
+
+    def loss_and_grads():
+        out = prior(idx)
+        (out * images[idx]).sum().backward()
+        grads = [p.grad.clone() for p in prior.parameter_groups(trainable)]
+        for p in prior.parameters():
+            p.grad = None
+        return out.detach(), grads
+
+    reference_out, reference_grads = loss_and_grads()  # everything trainable, nothing cached
+
+    prior.set_trainable(trainable)
+    frozen = [g for g in prior.groups if g not in trainable]
+    calls = dict.fromkeys(frozen, 0)
+    for g in frozen:
+        prior.net.blocks[g].register_forward_hook(lambda *_, g=g: calls.__setitem__(g, calls[g] + 1))
+    for _ in range(3):
+        out, grads = loss_and_grads()
+        torch.testing.assert_close(out, reference_out, atol=1e-6, rtol=0)
+        for g, r in zip(grads, reference_grads):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert calls == dict.fromkeys(frozen, 1)  # the frozen prefix ran once, to fill the cache
+    assert all(not p.requires_grad for g in frozen for p in prior.parameter_groups([g]))
+
+
+def test_reconstruct_restores_trainable_groups_and_refreshes_cache():
+    prior = build_prior("inr", structured(2), [0, 1], **TINY["inr"])
+    prior.set_trainable(["out"])
+    before = prior().detach()
+    prior.reconstruct(5, psnr_target=99, lr=1e-3)
+    assert [p.requires_grad for p in prior.parameter_groups(["all"])] == [
+        False, False, False, False, True, True  # hidden0 (W, b), hidden1 (W, b), out (W, b)
+    ]
+    after = prior()
+    assert (after - before).abs().max() > 1e-4  # not the stale pre-reconstruction cache
+    prior.set_trainable(["all"])
+    torch.testing.assert_close(prior(), after)
+
+
+def test_rowadam_leaves_other_rows_bit_identical_and_matches_adam():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 5, requires_grad=True)
+    b = torch.randn(4, 5, requires_grad=True)
+    ref_w = w[2].detach().clone().requires_grad_(True)
+    ref_b = b[2].detach().clone().requires_grad_(True)
+    untouched = [w[[0, 1, 3]].detach().clone(), b[[0, 1, 3]].detach().clone()]
+    opt = RowAdam([w, b], lr=0.05)
+    ref = torch.optim.Adam([ref_w, ref_b], lr=0.05, foreach=False)
+    for _ in range(6):
+        gw, gb = torch.randn(4, 3, 5), torch.randn(4, 5)
+        opt.zero_grad()
+        w.grad, b.grad = gw, gb
+        opt.step(torch.tensor([2]))
+        ref.zero_grad()
+        ref_w.grad, ref_b.grad = gw[2].clone(), gb[2].clone()
+        ref.step()
+    assert torch.equal(w[[0, 1, 3]], untouched[0]) and torch.equal(b[[0, 1, 3]], untouched[1])
+    assert torch.equal(opt.exp_avg[0][[0, 1, 3]], torch.zeros(3, 3, 5))
+    torch.testing.assert_close(w[2], ref_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b[2], ref_b, atol=1e-6, rtol=0)
+
+
+def test_rowadam_row_trajectory_independent_of_other_rows_and_lr_scale():
+    torch.manual_seed(1)
+    start = torch.randn(3, 4)
+    grads = torch.randn(5, 3, 4)
+    a, c = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    opt_a = RowAdam([a], lr=0.1)
+    opt_c = RowAdam([c], lr=0.1, lr_scale=torch.tensor([1.0, 0.5, 1.0]))
+    for t in range(5):
+        a.grad = grads[t]
+        opt_a.step(torch.tensor([0, 1]) if t % 2 else None)  # rows 0, 1 every step; row 2 sometimes
+        c.grad = grads[t]
+        opt_c.step(torch.tensor([0, 1]) if t % 2 else torch.tensor([1, 0, 2]))
+    assert torch.equal(a[0], c[0])  # row 0 the same whatever the other rows did
+    torch.testing.assert_close(a[2], c[2])  # row 2 stepped at the same times either way
+    assert opt_a.steps[0].tolist() == [5, 5, 3]
+    assert not torch.allclose(a[1], c[1])  # half the step size
+
+
+def test_dip_rejects_bad_image_size():
+    with pytest.raises(ValueError, match=r"20x20.*scales=3.*2\*\*scales = 8.*scales <= 2 for 20x20"):
+        DIPPrior(torch.rand(1, 3, 20, 20), [0], scales=3, channels=4)
+    # Divisible, but the coarsest scale would be 1x1 (instance norm needs > 1 pixel).
+    with pytest.raises(ValueError, match=r"16x16.*scales <= 3 for 16x16"):
+        DIPPrior(torch.rand(1, 3, 16, 16), [0], scales=4, channels=4)
+    assert DIPPrior(torch.rand(1, 3, 16, 32), [0], scales=4, channels=4)().shape == (1, 3, 16, 32)
+
+
+def test_unknown_group_lists_groups():
+    prior = build_prior("dip", structured(1), [0], **TINY["dip"])
+    with pytest.raises(ValueError, match=r"dec7.*'enc0', 'enc1', 'dec1', 'dec0', 'out'"):
+        prior.set_trainable(["dec7"])
+    with pytest.raises(ValueError, match="unknown prior"):
+        build_prior("gan", structured(1), [0])
+
+
+@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+def test_gradients_reach_every_trainable_parameter(name):
+    images = structured(2)
+    prior = build_prior(name, images, [0, 1], **TINY[name])
+    idx = torch.tensor([1])
+    # A loss that drives the output away from the query (as a counterfactual loss would).
+    (prior(idx) - images[idx].flip(-1)).square().mean().backward()
+    for p in prior.parameter_groups(["all"]):
+        assert p.grad is not None and p.grad[1].abs().sum() > 0, name
+        assert p.grad[0].abs().sum() == 0  # row 0 was not in the batch
+
+
+@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+def test_grayscale(name):
+    images = structured(2, channels=1)
+    prior = build_prior(name, images, [0, 1], **TINY[name])
+    psnr = prior.reconstruct(FIT[name][0], psnr_target=30, lr=FIT[name][1])
+    assert prior().shape == (2, 1, 16, 16)
+    assert (psnr >= 25).all()
+
+
+def test_tv_regulariser_and_clamp():
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = 1.0  # one bright pixel: |dx| = |dy| = 1 once out of 2 differences each
+    prior = TVPrior(x, [0], alpha_tv=0.5, alpha_l2=0.1, tv_beta=2.0)
+    expected = 0.5 * (0.5 + 0.5) + 0.1 * 0.25
+    torch.testing.assert_close(prior.regularizer(x), torch.tensor([expected]))
+    assert build_prior("inr", x, [0], **TINY["inr"]).regularizer(x).tolist() == [0.0]
+
+    # A pixel pushed past 1 stays clamped; its parameter drifts out only by Adam's decaying
+    # momentum (~10 lr, not one lr per step as with a plain straight-through clamp), so it
+    # comes back soon after the gradient reverses.
+    lr = 0.01
+    opt = RowAdam(prior.parameter_groups(["pixels"]), lr=lr)
+    for sign in [-1.0] * 60 + [1.0] * 30:
+        opt.zero_grad()
+        (sign * prior()[0, 0, 0, 0]).backward()
+        opt.step()
+        if sign < 0:
+            assert prior().max() <= 1.0 and prior.pixels.max() <= 1 + 12 * lr
+    assert prior()[0, 0, 0, 0] < 0.9
+
+
+@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+def test_configs_build(name):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    assert cfg.name == name and set(cfg.recon) == {"max_steps", "psnr_target", "lr"}
+    prior = build_prior(cfg.name, torch.rand(1, 3, 32, 32), [0], **cfg.hparams)
+    stages = OmegaConf.to_container(cfg.stages)
+    assert stages == prior.default_stages
+    for stage in stages:
+        prior.set_trainable(stage)  # every name is a group of this prior
+    assert isinstance(prior, {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior}[name])
