@@ -1,0 +1,14 @@
+"""The counterfactual engine: priors, per-query optimiser, losses, engine, persistence.
+
+The Python API (no Hydra needed)::
+
+    from disc_pl.cf import generate_counterfactuals, InversionOptions, Stage, DEPManifold
+"""
+from disc_pl.cf.engine import (CounterfactualBatch, InversionOptions, Stage, generate_counterfactuals,
+                               is_flipped)
+from disc_pl.cf.losses import DEPManifold, DUQManifold, SemanticLoss, functional_loss
+from disc_pl.cf.priors import DIPPrior, INRPrior, Prior, TVPrior, build_prior
+
+__all__ = ["CounterfactualBatch", "InversionOptions", "Stage", "generate_counterfactuals", "is_flipped",
+           "DEPManifold", "DUQManifold", "SemanticLoss", "functional_loss", "Prior", "TVPrior", "DIPPrior",
+           "INRPrior", "build_prior"]
