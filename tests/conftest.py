@@ -13,6 +13,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Model cache shared by every test that runs ``disc_pl.run`` at toy size: the toy
+    classifier is trained once per session (the cache is keyed by its config)."""
+    return tmp_path_factory.mktemp("model_cache")
+
+
+@pytest.fixture(scope="session")
 def faces():
     """Small synthetic-faces datamodule (32x32, with ground truth)."""
     from disc_pl.data.synthetic import SyntheticFacesDataModule

@@ -5,7 +5,6 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +21,7 @@ TOY = ["dataset.n_train=1200", "dataset.n_val=200", "dataset.n_test=300",
        "inversion.steps_per_stage=50", "query.count=6", "query.batch_size=3", "logger=none"]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("model_cache")
+# cache_dir: the session-wide model cache of conftest.py (shared with test_hardening_*.py).
 
 
 def compose_run(overrides: list[str]):

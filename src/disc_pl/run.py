@@ -22,12 +22,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from disc_pl import tracking
 from disc_pl.cf.engine import InversionOptions, Stage
 from disc_pl.cf.losses import DEPManifold, DUQManifold
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
-from disc_pl.cf.results import finished_query_ids, merge_parts, write_json, write_results_table
+from disc_pl.cf.progress import QueryProgress
+from disc_pl.cf.results import (ensure_writable_dir, finished_query_ids, merge_parts, remove_stale_temps,
+                                write_json, write_results_table)
 from disc_pl.data.corruptions import corrupted
 from disc_pl.models.cache import ensure_model, load_classifier, load_duq
+from disc_pl.validate import check_model_fits_data, validate_run_config, validate_with_data
 from disc_pl.viz import save_grid
 
 log = logging.getLogger(__name__)
@@ -114,25 +118,32 @@ def summarize(rows: list[dict]) -> dict[str, float]:
 
 
 def build_logger(cfg: DictConfig, out_dir: Path):
-    lcfg = cfg.get("logger")
-    if lcfg is None or "_target_" not in lcfg:
-        return None
-    return instantiate(lcfg)
+    """The ``logger`` group (wandb / csv / none) writing under ``out_dir``; None for none."""
+    logger = tracking.build_logger(cfg.get("logger"), out_dir, default_group=cfg.dataset.get("name"))
+    if logger is not None:
+        logger.log_hyperparams(tracking.loggable_config(cfg))  # so sweep runs can be compared
+    return logger
 
 
 def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
+    validate_run_config(cfg)  # one ConfigError listing every bad value, before any data or model
+    ensure_writable_dir(out_dir)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     options, prior_name, prior_hparams = inversion_options(cfg)  # validates before any training
     dm = instantiate(cfg.dataset)
     dm.setup()
+    validate_with_data(cfg, dm)  # query classes / indices, before any model is trained
     # Test-time corruption of the queries only (paper Figure 8); validated before any training.
     query_data = corrupted(dm.dataset(cfg.query.split), cfg.query.get("corruption"), int(cfg.seed))
-    classifier = load_classifier(ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer,
-                                              cfg.seed, cfg.cache_dir))
+    classifier_path = ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir,
+                                   datamodule=dm)
+    classifier = load_classifier(classifier_path)
+    check_model_fits_data(classifier, dm, "models.classifier", classifier_path)
     manifold = build_manifold(cfg, classifier)
     indices, source, target = select_queries(dm, classifier, cfg.query)
 
+    remove_stale_temps(out_dir)  # a killed run's half-written part (never read as a part)
     done = finished_query_ids(out_dir)
     todo = [i for i in indices if i not in done]
     log.info("%d queries (%s -> %s); %d already done in %s", len(indices), dm.class_names[source],
@@ -145,12 +156,13 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
                                              shuffle=False, num_workers=int(cfg.query.num_workers))
         module = InversionModule(classifier, manifold, prior_name, prior_hparams, options, dm.class_names)
         trainer = instantiate(cfg.trainer, inference_mode=False, logger=logger or False,
-                              callbacks=[CounterfactualWriter(out_dir)], enable_checkpointing=False,
-                              default_root_dir=str(out_dir))
+                              callbacks=[CounterfactualWriter(out_dir),
+                                         QueryProgress(len(indices), already_done=len(indices) - len(todo))],
+                              enable_checkpointing=False, default_root_dir=str(out_dir))
         trainer.predict(module, dataloaders=loader, return_predictions=False)
-        trainer.strategy.barrier()
-        if trainer.global_rank != 0:
-            return {}
+        trainer.strategy.barrier()  # every rank has written its parts
+    if pl.utilities.rank_zero_only.rank != 0:  # rank 0 alone merges (also when nothing was left)
+        return {}
 
     rows, tensors = merge_parts(out_dir)
     rows = [r for r in rows if r["query_id"] in set(indices)]
@@ -166,7 +178,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     metrics = summarize(rows)
     write_json(out_dir / "metrics.json", metrics)
     if logger is not None:
-        logger.log_metrics(metrics)
+        tracking.log_job_outputs(logger, metrics, rows, {"cf/grid": out_dir / "grid.png"})
         logger.finalize("success")
     log.info("flip rate %.3f over %d queries -> %s", metrics.get("cf/flip_rate", float("nan")),
              len(rows), out_dir)
@@ -175,7 +187,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
 def main(cfg: DictConfig) -> float:
-    metrics = run(cfg)
+    with tracking.tracked_job(cfg):  # thread limit, sweep job index, wandb.finish() even on errors
+        metrics = run(cfg)
     return float(metrics.get("cf/flip_rate", float("nan")))
 
 

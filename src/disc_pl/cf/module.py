@@ -8,18 +8,40 @@ inside ``predict_step``); ``InversionModule`` checks that.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from disc_pl.cf.engine import InversionOptions, generate_counterfactuals
+from disc_pl.cf.engine import CounterfactualBatch, InversionOptions, generate_counterfactuals
 from disc_pl.cf.results import write_part
 from disc_pl.metrics import functional as M
+
+log = logging.getLogger(__name__)
+# torch.cuda.OutOfMemoryError is an alias of torch.OutOfMemoryError in recent torch versions.
+OOM_ERRORS = tuple({torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)})
+
+
+def concat_batches(parts: Sequence[CounterfactualBatch]) -> CounterfactualBatch:
+    """The engine outputs of consecutive slices of one batch, as one output (rows in order)."""
+    def cat(values: list) -> Any:
+        first = values[0]
+        if isinstance(first, Tensor):
+            return torch.cat(values)
+        if isinstance(first, list):
+            return [v for part in values for v in part]
+        if isinstance(first, dict):
+            return {k: cat([v[k] for v in values]) for k in first}
+        return sum(values)  # seconds: wall time of all attempts that produced rows
+    return CounterfactualBatch(**{f.name: cat([getattr(p, f.name) for p in parts])
+                                  for f in dataclasses.fields(CounterfactualBatch)})
 
 
 class QueryDataset(Dataset):
@@ -100,6 +122,7 @@ class InversionModule(pl.LightningModule):
         self.options = options
         self.class_names = list(class_names) if class_names else None
         self._log_step = 0
+        self.split_batch_sizes: list[int] = []  # batches that ran out of GPU memory and were halved
 
     def _log(self, stats: dict[str, float]) -> None:
         self._log_step += 1
@@ -111,13 +134,45 @@ class InversionModule(pl.LightningModule):
             raise RuntimeError("InversionModule needs Trainer(inference_mode=False): counterfactual "
                                "generation backpropagates inside predict_step")
         with torch.enable_grad():
-            out = generate_counterfactuals(
-                self.classifier, batch["image"], batch["target"], prior=self.prior_name,
-                prior_hparams=self.prior_hparams, manifold=self.manifold, options=self.options,
-                seeds=[int(s) for s in batch["seed"]], on_log=self._log)
+            out = self._generate(batch, 0, len(batch["image"]))
         return {"rows": query_rows(batch, out, self.class_names),
                 "query_id": torch.as_tensor(batch["query_id"]).cpu(),
                 "query": batch["image"].detach().cpu(), "counterfactual": out.images}
+
+    def _generate(self, batch: Mapping[str, Any], start: int, stop: int) -> CounterfactualBatch:
+        """Counterfactuals for rows start..stop-1 of the batch. Out of GPU memory, the rows are
+        split in halves and retried (recursively, down to one query): every query is still
+        processed exactly once, with the results of a run at the smaller query.batch_size (by
+        per-query independence, docs/ARCHITECTURE.md, those of the unsplit batch up to the
+        round-off of batch-size dependent kernels)."""
+        seeds = [int(s) for s in batch["seed"][start:stop]]
+        try:
+            return generate_counterfactuals(
+                self.classifier, batch["image"][start:stop], batch["target"][start:stop],
+                prior=self.prior_name, prior_hparams=self.prior_hparams, manifold=self.manifold,
+                options=self.options, seeds=seeds, on_log=self._log)
+        except OOM_ERRORS as err:
+            if stop - start == 1:
+                shape = "x".join(str(d) for d in batch["image"].shape[1:])
+                raise type(err)(
+                    f"out of GPU memory with a single query ({shape} image, prior={self.prior_name}): "
+                    "query.batch_size=1 does not fit either. Use a smaller generator (prior.hparams), "
+                    f"smaller images (dataset.image_size) or a GPU with more memory. ({err})") from err
+        # Outside the except block, so the failed attempt's tensors (held by the traceback) are freed.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        size, half = stop - start, start + (stop - start) // 2
+        self.split_batch_sizes.append(size)
+        log.warning("out of GPU memory optimising %d queries together; retrying as %d + %d. Set "
+                    "query.batch_size=%d (or lower) to avoid the retries", size, half - start, stop - half,
+                    size // 2)
+        return concat_batches([self._generate(batch, start, half), self._generate(batch, half, stop)])
+
+    def on_predict_end(self) -> None:
+        if self.split_batch_sizes:
+            log.warning("%d batch(es) ran out of GPU memory and were split; every query was processed. "
+                        "Next time set query.batch_size=%d", len(self.split_batch_sizes),
+                        max(1, min(self.split_batch_sizes) // 2))
 
 
 class CounterfactualWriter(BasePredictionWriter):
@@ -133,3 +188,10 @@ class CounterfactualWriter(BasePredictionWriter):
         write_part(self.out_dir, trainer.global_rank, prediction["rows"], prediction["query_id"],
                    prediction["query"], prediction["counterfactual"])
         self.written += len(prediction["rows"])
+        # Lightning's SIGTERM handler only sets a flag, and its predict loop never reads it: stop
+        # here, with every finished batch on disk, and exit 143 (128 + SIGTERM) so the job is
+        # not taken for a success. A rerun into the same directory resumes.
+        if trainer.received_sigterm:
+            log.warning("SIGTERM received: stopping after %d persisted queries; rerun into %s to resume",
+                        self.written, self.out_dir)
+            raise SIGTERMException(143)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,6 +27,53 @@ import torch
 from torch import Tensor
 
 PARTS = "parts"
+
+
+class ResultsWriteError(OSError):
+    """A results file could not be written (disk full, no permission, ...). The message names
+    the file and its directory; finished batches stay in ``parts/`` and a rerun resumes."""
+
+
+@contextmanager
+def explain_write_errors(path: Path, run_dir: Path):
+    """Re-raise an OSError while writing ``path`` as a ResultsWriteError saying where and what
+    to do (the errno is kept: ``err.errno == errno.ENOSPC`` still works)."""
+    try:
+        yield
+    except ResultsWriteError:
+        raise
+    except OSError as err:
+        raise ResultsWriteError(
+            err.errno, f"cannot write {path} ({err.strerror or err}): check free space and write "
+            f"permission of {Path(path).parent}. Finished batches are kept in {Path(run_dir) / PARTS}; "
+            f"rerun into the same directory (hydra.run.dir={run_dir}) to resume") from err
+
+
+def ensure_writable_dir(run_dir: Path) -> None:
+    """Fail at start-up, not after hours of training, if ``run_dir`` cannot take files."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=run_dir)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise ResultsWriteError(
+            err.errno, f"the output directory {run_dir} cannot be written ({err.strerror or err}): check "
+            "that it is a directory with free space and write permission, or choose another with "
+            "hydra.run.dir=...") from err
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete temp files a killed run left in ``parts/`` (never visible as parts; call before
+    generating, when nothing writes into the directory)."""
+    stale = sorted((Path(run_dir) / PARTS).glob(".part-*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -67,7 +115,8 @@ def write_json(path: Path, obj: dict) -> None:
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
-    atomic_write_text(path, json.dumps(clean(obj), indent=2, sort_keys=True) + "\n")
+    with explain_write_errors(path, Path(path).parent):
+        atomic_write_text(path, json.dumps(clean(obj), indent=2, sort_keys=True) + "\n")
 
 
 def write_part(out_dir: Path, rank: int, rows: list[dict], query_ids: Tensor,
@@ -75,8 +124,9 @@ def write_part(out_dir: Path, rank: int, rows: list[dict], query_ids: Tensor,
     """Persist one finished batch (rows + tensors) atomically; returns the file written."""
     first = int(query_ids.min()) if len(query_ids) else 0
     path = Path(out_dir) / PARTS / f"part-r{rank}-q{first:08d}.pt"
-    atomic_torch_save({"rows": rows, "query_id": query_ids.cpu().long(),
-                       "query": queries.cpu(), "counterfactual": counterfactuals.cpu()}, path)
+    with explain_write_errors(path, Path(out_dir)):
+        atomic_torch_save({"rows": rows, "query_id": query_ids.cpu().long(),
+                           "query": queries.cpu(), "counterfactual": counterfactuals.cpu()}, path)
     return path
 
 
@@ -129,4 +179,5 @@ def write_results_table(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+    with explain_write_errors(path, Path(path).parent):
+        atomic_write_text(path, buf.getvalue())

@@ -29,6 +29,37 @@ def pixel_grid(height: int, width: int) -> Tensor:
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
+class _SineAffine(torch.autograd.Function):
+    """sin(omega * (h @ W + b)) for h [b, N, in], W [b, in, out], b [b, 1, out].
+
+    Same forward as autograd's ``torch.sin(omega * torch.baddbmm(b, h, W))``, cheaper backward:
+    omega scales the small W / bias-sized tensors instead of the [b, N, out] activations, so a
+    layer makes 4 full-size elementwise passes instead of 5 and allocates fewer temporaries.
+    The sin/cos/mul passes, not the matmuls, are what keeps the INR step from matmul speed on
+    CPU (python -m disc_pl.bench: ~15 % less generator time at batch 32)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, omega: float) -> Tensor:
+        z = torch.baddbmm(bias, h, weight).mul_(omega)
+        ctx.save_for_backward(h, weight, z)
+        ctx.omega = omega
+        return torch.sin(z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight, z = ctx.saved_tensors
+        omega = ctx.omega
+        grad_z = torch.cos(z).mul_(grad)  # d sin(z), without the omega factor
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.bmm(grad_z, weight.transpose(1, 2) * omega)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(h.transpose(1, 2), grad_z).mul_(omega)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_z.sum(1, keepdim=True).mul_(omega)
+        return grad_h, grad_w, grad_b, None
+
+
 class BatchedLinear(nn.Module):
     """B independent linear maps [b, N, in] -> [b, N, out] with optional sin(omega * .)."""
 
@@ -46,8 +77,9 @@ class BatchedLinear(nn.Module):
         self.bias[row] = (torch.rand(self.bias.shape[1:], generator=gen) * 2 - 1) / math.sqrt(cin)
 
     def forward(self, h: Tensor, idx: Tensor | None = None) -> Tensor:
-        out = torch.baddbmm(_rows(self.bias, idx), h, _rows(self.weight, idx))
-        return out if self.omega is None else torch.sin(self.omega * out)
+        if self.omega is not None:
+            return _SineAffine.apply(h, _rows(self.weight, idx), _rows(self.bias, idx), self.omega)
+        return torch.baddbmm(_rows(self.bias, idx), h, _rows(self.weight, idx))
 
 
 class BatchedFourierSiren(nn.Module):

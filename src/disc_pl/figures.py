@@ -1,0 +1,146 @@
+"""Report figures, drawn with torchvision + PIL only (no plotting library needed).
+
+- ``save_method_grid``: the same queries (rows) through every method (columns): query |
+  method 1 counterfactual, change heatmap | method 2 ... Methods whose query differs from the
+  first one (a corrupted query, Figure 8) also show their own query.
+- ``save_scatter``: per-query MSE vs concentration, one colour per method, the method mean as
+  a large marker (the paper's "large MSE, low concentration" trade-off, section 5).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from disc_pl.viz import heatmap
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+TILE = 96  # pixels per image tile (small images are upscaled, nearest neighbour)
+PAD = 4
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _to_pil(x: Tensor) -> Image.Image:
+    """``[C, H, W]`` in [0, 1] -> RGB PIL image of TILE x TILE."""
+    x = x.float().clamp(0, 1)
+    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+    x = F.interpolate(x[None], size=(TILE, TILE), mode="nearest")[0]
+    return Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy(), "RGB")
+
+
+def load_counterfactuals(job_dirs: Sequence[Path]) -> dict[int, tuple[Tensor, Tensor]]:
+    """query id -> (query, counterfactual) from the jobs' counterfactuals.pt (first job wins)."""
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for job in job_dirs:
+        path = Path(job) / "counterfactuals.pt"
+        if not path.exists():
+            continue
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        for qid, q, cf in zip(saved["query_id"].tolist(), saved["query"], saved["counterfactual"]):
+            out.setdefault(int(qid), (q, cf))
+    return out
+
+
+def save_method_grid(path: Path, methods: Sequence[tuple[str, Sequence[Path]]], max_queries: int = 8) -> Path | None:
+    """Grid of the first ``max_queries`` query ids common to every method; None if none is."""
+    per_method = [(name, load_counterfactuals(dirs)) for name, dirs in methods]
+    per_method = [(n, cfs) for n, cfs in per_method if cfs]
+    if not per_method:
+        return None
+    common = sorted(set.intersection(*(set(cfs) for _, cfs in per_method)))[:max_queries]
+    if not common:
+        return None
+    reference = per_method[0][1]
+    # Column plan: (header, kind, method index); "query" columns show that method's query.
+    columns: list[tuple[str, str, int]] = [("query", "query", 0)]
+    for m, (name, cfs) in enumerate(per_method):
+        own_query = m > 0 and any(not torch.equal(cfs[q][0], reference[q][0]) for q in common)
+        if own_query:
+            columns.append(("query", "query", m))
+        columns += [(name, "cf", m), ("change", "change", m)]
+    header_h = 28
+    width = len(columns) * (TILE + PAD) + PAD
+    height = header_h + len(common) * (TILE + PAD) + PAD
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    for c, (title, kind, m) in enumerate(columns):
+        x0 = PAD + c * (TILE + PAD)
+        # Method names can be wider than a tile: the cf + change pair shares one header.
+        if kind != "change":
+            draw.text((x0, 4 if kind == "cf" else 14), title, fill="black", font=font)
+        for r, q in enumerate(common):
+            query, cf = per_method[m][1][q]
+            tile = query if kind == "query" else cf if kind == "cf" else heatmap((cf - query)[None])[0]
+            canvas.paste(_to_pil(tile), (x0, header_h + PAD + r * (TILE + PAD)))
+    canvas.save(path)
+    return Path(path)
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def save_scatter(path: Path, methods: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+                 size: tuple[int, int] = (720, 480)) -> Path:
+    """Scatter of (MSE, concentration) points per method. The x axis is log10(MSE) when the
+    MSEs span more than two decades (weak and strong priors differ by orders of magnitude)."""
+    pts = [(n, [(x, y) for x, y in p if not (math.isnan(x) or math.isnan(y))]) for n, p in methods]
+    xs = [x for _, p in pts for x, _ in p]
+    positive = [x for x in xs if x > 0]
+    log_x = bool(positive) and max(positive) / min(positive) > 100
+    tx = (lambda v: math.log10(max(v, min(positive)))) if log_x else (lambda v: v)  # noqa: E731
+    if xs:
+        x_lo, x_hi = min(tx(x) for x in xs), max(tx(x) for x in xs)
+    else:
+        x_lo, x_hi = 0.0, 1.0
+    if x_hi - x_lo < 1e-12:
+        x_lo, x_hi = x_lo - 0.5 * (abs(x_lo) or 1), x_hi + 0.5 * (abs(x_hi) or 1)
+    y_lo, y_hi = 0.0, 1.0
+
+    w, h = size
+    left, right, top, bottom = 70, 190, 20, 50
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_lo) / (x_hi - x_lo) * (w - left - right),
+                h - bottom - (y - y_lo) / (y_hi - y_lo) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for t in _ticks(x_lo, x_hi):
+        x, _ = px(t, y_lo)
+        draw.line([x, h - bottom, x, h - bottom + 4], fill="black")
+        draw.text((x - 15, h - bottom + 6), f"{10 ** t:.2g}" if log_x else f"{t:.2g}", fill="black", font=font)
+    for t in _ticks(y_lo, y_hi):
+        _, y = px(x_lo, t)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((left - 34, y - 5), f"{t:.2f}", fill="black", font=font)
+    draw.text(((left + w - right) / 2 - 40, h - 18), "MSE" + (" (log scale)" if log_x else ""), fill="black", font=font)
+    draw.text((4, top - 14), "concentration", fill="black", font=font)
+
+    for i, (name, p) in enumerate(pts):
+        colour = PALETTE[i % len(PALETTE)]
+        for x, y in p:
+            cx, cy = px(tx(x), y)
+            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
+        if p:  # method mean (of the plotted coordinates)
+            mx = sum(tx(x) for x, _ in p) / len(p)
+            my = sum(y for _, y in p) / len(p)
+            cx, cy = px(mx, my)
+            draw.rectangle([cx - 6, cy - 6, cx + 6, cy + 6], fill=colour, outline="black")
+        ly = top + 14 * i
+        draw.rectangle([w - right + 10, ly + 2, w - right + 18, ly + 10], fill=colour)
+        draw.text((w - right + 22, ly), name[:28], fill="black", font=font)
+    canvas.save(path)
+    return Path(path)

@@ -1,0 +1,267 @@
+"""Content-addressed model cache and safe checkpoint loading.
+
+A trained model lives in ``<cache_dir>/<kind>-<key16>/`` with ``model.ckpt`` (or
+``posthoc_dep.pt`` for a bring-your-own classifier), ``metrics.json`` and ``config.yaml``.
+``key`` is the sha256 of everything that determines the model:
+- the model yaml, recipe included (``fit`` / ``posthoc_dep``), and the content hash of a
+  bring-your-own model file (``path``);
+- the data: the datamodule's ``fingerprint()`` and its batch size;
+- the trainer group minus presentation keys (progress bar, logging cadence, ...) and minus
+  placement keys (accelerator, devices, num_nodes, strategy): a model trained on one CPU is
+  reused by a DDP or GPU generation run of the same recipe. Precision stays in;
+- the seed.
+The logger is not part of the key.
+
+Entries are written atomically: training runs in a hidden temp folder that is renamed into
+place only when complete, so a killed training never leaves a half entry. A lock file
+(``os.open(O_CREAT | O_EXCL)``, holding host and pid; a lock whose process is gone is broken)
+stops two jobs of a sweep from training the same model at once: the second waits, then reuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from disc_pl.utils import config_hash, to_plain
+
+log = logging.getLogger(__name__)
+
+# Trainer keys that do not change the trained weights.
+TRAINER_PRESENTATION_KEYS = frozenset(
+    {
+        "enable_progress_bar",
+        "enable_model_summary",
+        "log_every_n_steps",
+        "logger",
+        "callbacks",
+        "default_root_dir",
+        "enable_checkpointing",
+        "profiler",
+        "num_sanity_val_steps",
+        # Where the model is trained, not what: placement must not split the cache.
+        "accelerator",
+        "devices",
+        "num_nodes",
+        "strategy",
+    }
+)
+ARTIFACT_NAMES = ("model.ckpt", "posthoc_dep.pt")
+FILE_KEYS = ("path", "weights")  # model-yaml keys naming a user file (bring-your-own)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds pickled objects other than tensors and plain values: not loaded."""
+
+
+def model_kind(model_cfg: DictConfig) -> str:
+    """`name` of the model yaml (classifier | duq | byo), else the target's last component."""
+    name = model_cfg.get("name") or str(model_cfg.get("_target_", "model")).rsplit(".", 1)[-1]
+    return str(name).lower()
+
+
+def model_key(model_cfg: DictConfig, datamodule: Any, trainer_cfg: DictConfig | None, seed: int) -> str:
+    """sha256 hex of the config that determines the model (see module docstring)."""
+    trainer = {k: v for k, v in to_plain(trainer_cfg or {}).items() if k not in TRAINER_PRESENTATION_KEYS}
+    model = to_plain(model_cfg)
+    # A bring-your-own model is its file: key on the content, not just the path.
+    files = {k: _file_digest(v) for k, v in model.items() if k in FILE_KEYS and v and Path(str(v)).is_file()}
+    payload = {
+        "kind": model_kind(model_cfg),
+        "model": model,
+        "files": files,
+        "data": {"fingerprint": datamodule.fingerprint(), "batch_size": int(datamodule.batch_size)},
+        "trainer": trainer,
+        "seed": int(seed),
+    }
+    return config_hash(payload)
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _distributed_rank() -> int:
+    """Global rank announced by a launcher (torchrun, SLURM tasks, Lightning's DDP children)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        value = os.environ.get(var)
+        if value not in (None, "") and int(value) != 0:
+            return int(value)
+    return 0
+
+
+def _lock_is_stale(path: Path) -> bool:
+    try:
+        host, pid = path.read_text().split()
+    except (OSError, ValueError):
+        return False  # being written, or foreign: leave it
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@contextmanager
+def file_lock(path: Path, timeout_s: float = 6 * 3600, poll_s: float = 1.0) -> Iterator[None]:
+    """Exclusive lock file; waits (polling) while another live process holds it."""
+    path = Path(path)
+    start = time.monotonic()
+    announced = False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _lock_is_stale(path):
+                log.warning("breaking stale lock %s (its process is gone)", path)
+                path.unlink(missing_ok=True)
+                continue
+            if time.monotonic() - start > timeout_s:
+                raise TimeoutError(f"waited {timeout_s:.0f} s for {path}; delete it if no training is running")
+            if not announced:
+                log.info("waiting for %s (another job is training this model)", path)
+                announced = True
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _artifact(entry: Path) -> Path | None:
+    for name in ARTIFACT_NAMES:
+        if (entry / name).is_file():
+            return entry / name
+    return None
+
+
+def ensure_model(
+    model_cfg: DictConfig,
+    dataset_cfg: DictConfig,
+    trainer_cfg: DictConfig,
+    seed: int,
+    cache_dir: str | os.PathLike,
+    logger_cfg: DictConfig | None = None,
+    datamodule: Any = None,
+    wait_timeout_s: float = 6 * 3600,
+) -> Path:
+    """Path of the cached model for this config; trains it (disc_pl.train.train_model) if missing.
+
+    `datamodule` (built from dataset_cfg) may be passed to avoid building the data twice.
+    Under a multi-process launcher, every rank trains (they form the DDP group) but only rank
+    0 takes the lock and publishes; the other ranks wait for the entry to appear.
+    """
+    from disc_pl import train as train_lib  # the entry point imports this module
+
+    model_cfg = model_cfg if isinstance(model_cfg, DictConfig) else OmegaConf.create(model_cfg)
+    if datamodule is None:
+        datamodule = instantiate(dataset_cfg)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    kind = model_kind(model_cfg)
+    key = model_key(model_cfg, datamodule, trainer_cfg, seed)
+    entry = cache_dir / f"{kind}-{key[:16]}"
+    found = _artifact(entry)
+    if found is not None:
+        log.info("reusing cached %s model %s", kind, entry)
+        return found
+
+    def train_into(out_dir: Path) -> None:
+        train_lib.train_model(model_cfg, dataset_cfg, trainer_cfg, seed, out_dir, logger_cfg, datamodule)
+
+    if _distributed_rank() != 0:
+        with tempfile.TemporaryDirectory(prefix=f".rank-{kind}-") as scratch:
+            train_into(Path(scratch))
+        deadline = time.monotonic() + 600
+        while (found := _artifact(entry)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not publish {entry}")
+            time.sleep(1.0)
+        return found
+
+    with file_lock(cache_dir / f".{entry.name}.lock", timeout_s=wait_timeout_s):
+        found = _artifact(entry)
+        if found is not None:  # trained by the job we waited for
+            return found
+        # Leftovers of a killed training of this entry (we hold the lock: nobody is writing).
+        for stale in cache_dir.glob(f".tmp-{entry.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=cache_dir))
+        try:
+            log.info("training %s model into the cache: %s", kind, entry)
+            train_into(tmp)
+            if _artifact(tmp) is None:
+                raise RuntimeError(f"training finished without writing a model into {tmp}")
+            if entry.exists():  # an incomplete folder someone made by hand
+                shutil.rmtree(entry)
+            os.rename(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return _artifact(entry)  # type: ignore[return-value]
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True), with a clear error for checkpoints holding code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False: keep only what it found (the GLOBAL line).
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        found = next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "")
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds pickled objects other than tensors and plain values, "
+            "and unpickling them could run arbitrary code. Only checkpoints written by disc_pl "
+            f"(Lightning weights + plain hyper-parameters) or plain state dicts are accepted. ({found})"
+        ) from err
+
+
+def _load_module(cls: type, path: str | os.PathLike, map_location: Any, freeze: bool):
+    ckpt = safe_load(path, map_location)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{path} is not a disc_pl Lightning checkpoint (no state_dict / hyper_parameters)")
+    model = cls(**ckpt["hyper_parameters"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    if freeze:
+        model.requires_grad_(False)
+    return model
+
+
+def load_classifier(path: str | os.PathLike, map_location: Any = "cpu", freeze: bool = True):
+    """A trained ClassifierModule in eval mode (parameters frozen unless freeze=False)."""
+    from disc_pl.models.classifier import ClassifierModule
+
+    return _load_module(ClassifierModule, path, map_location, freeze)
+
+
+def load_duq(path: str | os.PathLike, map_location: Any = "cpu", freeze: bool = True):
+    """A trained DUQModule in eval mode (parameters frozen unless freeze=False)."""
+    from disc_pl.models.duq import DUQModule
+
+    return _load_module(DUQModule, path, map_location, freeze)

@@ -1,0 +1,182 @@
+"""DUQ model trained for the manifold-consistency term (paper eq. 9; van Amersfoort et al. 2020).
+
+Loss = BCE(K, onehot(y)) + gp_weight * (||d/dx sum_c K_c(x)||_2 - 1)^2  (two-sided penalty,
+computed with create_graph=True on the [0, 1] input pixels). After every optimiser step the
+class centroids take an EMA step on the batch's embeddings, recomputed under no_grad in eval
+mode with the updated weights (as in the reference training loop).
+
+test/ood_auroc: AUROC of the certainty max_c K_c separating the clean test images (positives)
+from two corrupted copies of each (strong Gaussian noise; a shuffle of 4x4 patches), generated
+in code with a per-image seed, so the figure does not depend on batching or ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
+
+from disc_pl.models.classifier import with_cosine_schedule
+from disc_pl.nets.duq import DUQNet
+
+
+def gradient_penalty(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Two-sided penalty mean_i (||d sum_c K_ic / d x_i||_2 - 1)^2; x must require grad.
+
+    x [B, ...], kernel [B, K]. The graph is kept (create_graph) so the penalty trains the net.
+    """
+    (grad,) = torch.autograd.grad(kernel.sum(), x, create_graph=True)
+    # sqrt(sum + eps), not .norm(): a saturated kernel has an all-zero gradient, where the
+    # derivative of the norm is 0/0.
+    norm = (grad.flatten(1).pow(2).sum(1) + 1e-12).sqrt()
+    return (norm - 1.0).pow(2).mean()
+
+
+def kernel_bce(log_kernel: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Binary cross entropy of K = exp(log_kernel) [B, K] against onehot [B, K], from log K.
+
+    Same value as F.binary_cross_entropy(K, onehot) where that is finite, but a kernel that
+    underflows to 0 keeps its gradient (-log K = squared distance / 2 sigma^2 stays exact).
+    """
+    log_1m_k = torch.log(-torch.expm1(log_kernel).clamp(max=-1e-12))  # log(1 - K)
+    return -(onehot * log_kernel + (1 - onehot) * log_1m_k).mean()
+
+
+def corrupt(images: torch.Tensor, indices: torch.Tensor, seed: int, noise_std: float = 0.5, patch: int = 4):
+    """Two corrupted copies of [B, C, H, W] images in [0, 1]: Gaussian noise, patch shuffle.
+
+    Each image's randomness comes from a generator seeded by (seed, its dataset index).
+    Returns ([B, C, H, W], [B, C, H, W]).
+    """
+    noisy, shuffled = [], []
+    _, c, h, w = images.shape
+    for img, idx in zip(images, indices.tolist()):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(idx))
+        noise = torch.randn(img.shape, generator=g).to(img)
+        noisy.append((img + noise_std * noise).clamp(0, 1))
+        # [C, H, W] -> patches [(H/p)(W/p), C, p, p], permuted, folded back.
+        p = patch if h % patch == 0 and w % patch == 0 else 1
+        tiles = img.unfold(1, p, p).unfold(2, p, p)  # [C, H/p, W/p, p, p]
+        gh, gw = tiles.shape[1], tiles.shape[2]
+        tiles = tiles.reshape(c, gh * gw, p, p)
+        perm = torch.randperm(gh * gw, generator=g).to(img.device)
+        tiles = tiles[:, perm].reshape(c, gh, gw, p, p).permute(0, 1, 3, 2, 4).reshape(c, h, w)
+        shuffled.append(tiles)
+    return torch.stack(noisy), torch.stack(shuffled)
+
+
+class DUQModule(pl.LightningModule):
+    """forward(x in [0, 1]) -> kernel values K [B, K] in [0, 1]; prediction = argmax K."""
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        in_channels: int = 3,
+        image_size: int = 32,
+        width: int = 64,
+        small_input: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        embedding_size: int = 256,
+        length_scale: float = 0.5,
+        gp_weight: float = 0.5,
+        gamma: float = 0.999,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        cosine_lr: bool = False,
+        ood_noise_std: float = 0.5,
+        ood_seed: int = 0,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        mean = None if mean is None else [float(v) for v in mean]
+        std = None if std is None else [float(v) for v in std]
+        class_names = None if class_names is None else [str(c) for c in class_names]
+        self.save_hyperparameters()
+        self.net = DUQNet(
+            num_classes, in_channels, width, small_input, mean, std, embedding_size, length_scale, gamma
+        )
+        # Keyed "<split>_<name>" (a ModuleDict key "train" would shadow nn.Module.train).
+        self.metrics = torch.nn.ModuleDict({"train_acc": MulticlassAccuracy(num_classes, average="micro")})
+        for split in ("val", "test"):
+            self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes, average="micro")
+            self.metrics[f"{split}_loss"] = MeanMetric()
+        self.metrics["test_ood_auroc"] = BinaryAUROC()
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.hparams.class_names
+        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _onehot(self, y: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, self.hparams.num_classes).float()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["image"].detach().requires_grad_(True)
+        y = batch["label"]
+        log_kernel = self.net.log_kernel(x)
+        kernel = log_kernel.exp()
+        loss_bce = kernel_bce(log_kernel, self._onehot(y))
+        loss = loss_bce
+        if self.hparams.gp_weight > 0:
+            loss_gp = gradient_penalty(x, kernel)
+            loss = loss + self.hparams.gp_weight * loss_gp
+            self.log("train/loss_gp", loss_gp)
+        self.metrics["train_acc"](kernel.detach(), y)
+        self.log("train/loss_bce", loss_bce)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # Runs after optimizer.step(): EMA of the centroids with the updated weights, eval-mode
+        # BN (the statistics the kernel is evaluated with at test time).
+        self.net.eval()
+        with torch.no_grad():
+            feats = self.net.features(batch["image"])
+            onehot = self._onehot(batch["label"])
+            if self.trainer.world_size > 1:
+                # Every rank must take the same EMA step, or the centroid buffers drift apart.
+                feats_all = self.all_gather(feats).flatten(0, 1)
+                onehot_all = self.all_gather(onehot).flatten(0, 1)
+                feats, onehot = feats_all, onehot_all
+            self.net.head.update_centroids(feats, onehot)
+        self.net.train()
+
+    def _eval_step(self, batch: dict, split: str) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        log_kernel = self.net.log_kernel(x)
+        kernel = log_kernel.exp()
+        self.metrics[f"{split}_acc"](kernel, y)
+        self.metrics[f"{split}_loss"](kernel_bce(log_kernel, self._onehot(y)), len(y))
+        self.log(f"{split}/acc", self.metrics[f"{split}_acc"], on_epoch=True, prog_bar=split == "val")
+        self.log(f"{split}/loss", self.metrics[f"{split}_loss"], on_epoch=True)
+        return kernel
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        kernel = self._eval_step(batch, "test")
+        noisy, shuffled = corrupt(batch["image"], batch["index"], self.hparams.ood_seed, self.hparams.ood_noise_std)
+        certainty = [kernel.max(1).values, self.net(noisy).max(1).values, self.net(shuffled).max(1).values]
+        is_clean = [torch.ones_like(certainty[0]), torch.zeros_like(certainty[1]), torch.zeros_like(certainty[2])]
+        self.metrics["test_ood_auroc"](torch.cat(certainty), torch.cat(is_clean).long())
+        self.log("test/ood_auroc", self.metrics["test_ood_auroc"], on_epoch=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(
+            self.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
+        return with_cosine_schedule(self, opt) if self.hparams.cosine_lr else opt

@@ -1,0 +1,278 @@
+"""``python -m disc_pl.report <multirun dir>`` — the paper's Table 1 from a sweep's job dirs.
+
+Every job directory below the given one (a directory with ``metrics.json`` and
+``.hydra/config.yaml``, as ``disc_pl.run`` / ``disc_pl.evaluate`` write them) is one job. Jobs
+are grouped into *methods* named like the paper ("LSO+INR+DEP"; "LSO+TV+L2" for the TV prior),
+extended with the query corruption ("LSO+INR+DEP jpeg@3") and with any other override that
+differs between jobs, except ``seed`` (jobs that differ only in seed are pooled).
+
+Per method (mean ± population std):
+- MSE, Conc., in-mask: over all queries of the method's jobs (rows of their ``results.csv``;
+  for one job these are exactly its ``cf/mse``, ``cf/mse_std``, ... of ``metrics.json``);
+- flip rate: fraction of queries flipped (a proportion, no std);
+- CD: over seeds (``cd/per_seed`` of the jobs' metrics.json; one job: its ``cd/mean``, ``cd/std``);
+  the reference CDs (ground-truth counterfactuals, identity) go to the CSV and under the table.
+
+Writes into ``--out`` (default: the multirun dir): ``report.md``, ``report.csv``,
+``report_grid.png`` (the same queries, one column pair counterfactual | change per method) and
+``report_scatter.png`` (MSE vs concentration, one colour per method). ``--wandb`` also logs the
+table and figures to a W&B run (offline unless ``--wandb-mode online``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from disc_pl.figures import save_method_grid, save_scatter
+
+PRIOR_NAMES = {"tv": "TV+L2", "dip": "DIP", "inr": "INR"}
+# Sort order of the table rows: the paper's (ISO before LSO, weak prior first, DEP last).
+ORDER = {"space": ["iso", "lso"], "prior": ["tv", "dip", "inr"], "manifold": ["none", "duq", "dep"]}
+NAMED_KEYS = {"prior", "manifold", "space", "seed", "query.corruption.name", "query.corruption.severity"}
+QUERY_FIGURES = ("mse", "concentration", "in_mask")
+COLUMNS = [  # (header, key in the method's stats)
+    ("MSE", "mse"), ("Conc.", "concentration"), ("CD", "cd"), ("flip rate", "flip_rate"),
+    ("in-mask", "in_mask"),
+]
+
+
+@dataclass
+class Job:
+    path: Path
+    cfg: DictConfig
+    overrides: list[str]
+    metrics: dict[str, Any]
+    rows: list[dict[str, str]]
+
+
+@dataclass
+class Method:
+    name: str
+    sort_key: tuple
+    jobs: list[Job] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- reading
+def find_jobs(root: Path) -> list[Job]:
+    """Every job dir at or below ``root`` (sorted by path); the CD sub-runs (``cd/``) have no
+    ``.hydra`` dir and are not jobs."""
+    jobs = []
+    for metrics_file in sorted(Path(root).rglob("metrics.json")):
+        job_dir = metrics_file.parent
+        hydra_dir = job_dir / ".hydra"
+        if not (hydra_dir / "config.yaml").exists():
+            continue
+        cfg = OmegaConf.load(hydra_dir / "config.yaml")
+        overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").exists() else []
+        results = job_dir / "results.csv"
+        rows = list(csv.DictReader(results.open())) if results.exists() else []
+        jobs.append(Job(job_dir, cfg, [str(o) for o in overrides], json.loads(metrics_file.read_text()), rows))
+    if not jobs:
+        raise FileNotFoundError(f"no job directory (metrics.json + .hydra/config.yaml) under {root}")
+    return jobs
+
+
+def _select(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+    return default if value is None else value
+
+
+def method_key(job: Job, varying: Sequence[str]) -> tuple[str, tuple]:
+    """The paper-style name of a job's method and its sort key."""
+    space = str(_select(job.cfg, "space.name", "lso"))
+    prior = str(_select(job.cfg, "prior.name", "?"))
+    manifold = str(_select(job.cfg, "manifold.name", "none"))
+    name = f"{space.upper()}+{PRIOR_NAMES.get(prior, prior.upper())}"
+    if manifold != "none":
+        name += f"+{manifold.upper()}"
+    corruption = _select(job.cfg, "query.corruption.name")
+    severity = int(_select(job.cfg, "query.corruption.severity", 0))
+    if corruption is not None and severity > 0:
+        name += f" {corruption}@{severity}"
+    else:
+        corruption, severity = "", 0
+    extra = [o for o in job.overrides if o.split("=", 1)[0].lstrip("+~") in varying]
+    if extra:
+        name += " [" + ", ".join(extra) + "]"
+
+    def rank(group: str, value: str) -> int:
+        return ORDER[group].index(value) if value in ORDER[group] else len(ORDER[group])
+
+    key = (rank("space", space), rank("prior", prior), rank("manifold", manifold), corruption, severity,
+           tuple(extra))
+    return name, key
+
+
+def varying_overrides(jobs: Sequence[Job]) -> list[str]:
+    """Override keys (other than the named ones) whose value differs between jobs."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for o in job.overrides:
+            key, _, value = o.partition("=")
+            values.setdefault(key.lstrip("+~"), set()).add(value)
+    counts = {k: sum(any(o.partition("=")[0].lstrip("+~") == k for o in j.overrides) for j in jobs) for k in values}
+    return sorted(k for k, v in values.items()
+                  if k not in NAMED_KEYS and not k.startswith("hydra.") and (len(v) > 1 or counts[k] < len(jobs)))
+
+
+def group_methods(jobs: Sequence[Job]) -> list[Method]:
+    varying = varying_overrides(jobs)
+    methods: dict[str, Method] = {}
+    for job in jobs:
+        name, key = method_key(job, varying)
+        methods.setdefault(name, Method(name, key)).jobs.append(job)
+    return sorted(methods.values(), key=lambda m: (m.sort_key, m.name))
+
+
+# ----------------------------------------------------------------------------- statistics
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.pstdev(values)
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def method_stats(method: Method) -> dict[str, Any]:
+    """``{figure: (mean, std)}`` for the table, plus counts and the reference CDs."""
+    rows = [r for job in method.jobs for r in job.rows]
+    stats: dict[str, Any] = {"method": method.name, "jobs": len(method.jobs), "queries": len(rows)}
+    for key in QUERY_FIGURES:
+        stats[key] = _mean_std([v for r in rows if not math.isnan(v := _float(r.get(key)))])
+    stats["flip_rate"] = (sum(r.get("flipped") == "True" for r in rows) / len(rows), math.nan) if rows \
+        else (math.nan, math.nan)
+    for prefix, name in (("cd/", "cd"), ("cd/gt_", "cd_gt"), ("cd/identity_", "cd_identity")):
+        with_cd = [j.metrics for j in method.jobs if j.metrics.get(f"{prefix}mean") is not None]
+        if len(with_cd) == 1:
+            stats[name] = (float(with_cd[0][f"{prefix}mean"]), float(with_cd[0][f"{prefix}std"]))
+        elif with_cd and prefix == "cd/" and all("cd/per_seed" in m for m in with_cd):
+            stats[name] = _mean_std([float(v) for m in with_cd for v in m["cd/per_seed"]])
+        elif with_cd:  # pooled references: the mean of the jobs' means, their spread
+            stats[name] = _mean_std([float(m[f"{prefix}mean"]) for m in with_cd])
+        else:
+            stats[name] = (math.nan, math.nan)
+    for key in ("cd/acc_real", "cd/acc_cf"):
+        vals = [float(j.metrics[key]) for j in method.jobs if j.metrics.get(key) is not None]
+        stats[key.replace("/", "_")] = statistics.fmean(vals) if vals else math.nan
+    return stats
+
+
+# ----------------------------------------------------------------------------- writing
+def fmt(mean: float, std: float | None = None) -> str:
+    """``0.123 ± 0.0456`` (3 significant digits); ``–`` for a missing value."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    if std is None or math.isnan(std):
+        return f"{mean:.3g}"
+    return f"{mean:.3g} ± {std:.3g}"
+
+
+def markdown_table(stats: Sequence[dict[str, Any]]) -> str:
+    head = ["Method", *[h for h, _ in COLUMNS], "queries"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in stats:
+        cells = [s["method"], *[fmt(*s[k]) for _, k in COLUMNS], str(s["queries"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, root: Path, stats: Sequence[dict[str, Any]], figures: dict[str, Path]) -> None:
+    refs = [s for s in stats if not math.isnan(s["cd_gt"][0]) or not math.isnan(s["cd_identity"][0])]
+    parts = [f"# Report: {root}", "",
+             "Mean ± population std: MSE, Conc. (bounding-box area of the change), in-mask (share of "
+             "the change inside the ground-truth attribute mask) over queries; CD (classifier "
+             "discrepancy, lower is better) over seeds; flip rate = share of valid counterfactuals.",
+             "", markdown_table(stats), ""]
+    if refs:
+        s = refs[0]
+        parts += [f"CD references (same recipe and seeds): ground-truth counterfactuals "
+                  f"{fmt(*s['cd_gt'])} (the best achievable), identity X1' = X0 {fmt(*s['cd_identity'])} "
+                  f"(the worst); Acc(F; test) = {fmt(s['cd_acc_real'])}.", ""]
+    parts += [f"![{name}]({p.name})" for name, p in figures.items()]
+    path.write_text("\n".join(parts) + "\n")
+
+
+def write_csv(path: Path, stats: Sequence[dict[str, Any]]) -> None:
+    keys = ["mse", "concentration", "cd", "flip_rate", "in_mask", "cd_gt", "cd_identity"]
+    header = ["method", "jobs", "queries"] + [f"{k}_{p}" for k in keys for p in ("mean", "std")] + \
+        ["cd_acc_real", "cd_acc_cf"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for s in stats:
+            values = [v for k in keys for v in s[k]]
+            writer.writerow([s["method"], s["jobs"], s["queries"], *values, s["cd_acc_real"], s["cd_acc_cf"]])
+
+
+def log_wandb(root: Path, methods: Sequence[Method], stats: Sequence[dict[str, Any]],
+              figures: dict[str, Path], project: str, mode: str) -> None:
+    """One W&B run holding the table and the figures (``wandb.finish`` always called)."""
+    import wandb
+
+    group = next((str(g) for m in methods for j in m.jobs
+                  if (g := _select(j.cfg, "experiment_name")) is not None), root.name)
+    run = wandb.init(project=project, group=group, job_type="report", name=f"report-{root.name}",
+                     mode=mode, dir=str(root))
+    try:
+        head = ["method", *[h for h, _ in COLUMNS], "queries"]
+        table = wandb.Table(columns=head, data=[[s["method"], *[fmt(*s[k]) for _, k in COLUMNS], s["queries"]]
+                                                for s in stats])
+        run.log({"report/table": table, **{f"report/{k}": wandb.Image(str(p)) for k, p in figures.items()}})
+    finally:
+        run.finish()
+
+
+def report(root: str | Path, out: str | Path | None = None, max_queries: int = 8,
+           wandb_project: str | None = None, wandb_mode: str = "offline") -> dict[str, Path]:
+    """Build the report of the jobs under ``root``; returns the written files by name."""
+    root = Path(root)
+    out_dir = Path(out) if out is not None else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = group_methods(find_jobs(root))
+    stats = [method_stats(m) for m in methods]
+    figures = {}
+    grid = save_method_grid(out_dir / "report_grid.png", [(m.name, [j.path for j in m.jobs]) for m in methods],
+                            max_queries)
+    if grid is not None:
+        figures["grid"] = grid
+    points = [(m.name, [(_float(r.get("mse")), _float(r.get("concentration"))) for j in m.jobs for r in j.rows])
+              for m in methods]
+    figures["scatter"] = save_scatter(out_dir / "report_scatter.png", points)
+    write_markdown(out_dir / "report.md", root, stats, figures)
+    write_csv(out_dir / "report.csv", stats)
+    if wandb_project is not None:
+        log_wandb(out_dir, methods, stats, figures, wandb_project, wandb_mode)
+    return {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", **figures}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m disc_pl.report", description=__doc__.split("\n")[0])
+    parser.add_argument("root", help="a multirun directory (or one job directory)")
+    parser.add_argument("--out", default=None, help="where to write the report (default: root)")
+    parser.add_argument("--queries", type=int, default=8, help="queries shown in report_grid.png")
+    parser.add_argument("--wandb", action="store_true", help="also log table and figures to W&B")
+    parser.add_argument("--wandb-project", default="disc_pl")
+    parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    args = parser.parse_args(argv)
+    files = report(args.root, args.out, args.queries, args.wandb_project if args.wandb else None, args.wandb_mode)
+    print(Path(files["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

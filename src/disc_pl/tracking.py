@@ -1,0 +1,151 @@
+"""What every job does around its work: thread limits, sweep bookkeeping, experiment logging.
+
+Used by the entry points (``run.py``, ``train.py``):
+
+* :func:`tracked_job` wraps a job's ``main``: limits torch threads so parallel sweep jobs do not
+  oversubscribe the CPU, logs the sweep job's index, and always calls ``wandb.finish()`` at the
+  end (also on exceptions) so the jobs of a multirun never log into each other's W&B run.
+* :func:`build_logger` instantiates the ``logger`` group (``wandb`` default, ``csv``, ``none``)
+  with its files under the job's output directory.
+* :func:`log_job_outputs` sends a finished run's figures to the logger: summary metrics, and on
+  W&B the image grid (``wandb.Image``) and the per-query results (``wandb.Table``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects taskset / SLURM / container affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _hydra() -> DictConfig | None:
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def job_threads(cfg: DictConfig) -> int | None:
+    """torch threads for this job: ``threads_per_job`` if set, else cores // parallel jobs when
+    the launcher runs several jobs at once (``hydra/launcher=local``: ``n_jobs``), else None
+    (torch's default: every core)."""
+    explicit = cfg.get("threads_per_job")
+    if explicit is not None:
+        if int(explicit) < 1:
+            raise ValueError(f"threads_per_job={explicit} must be >= 1 (or null for automatic)")
+        return int(explicit)
+    hydra_cfg = _hydra()
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if hydra_cfg is not None else None
+    if not n_jobs:
+        return None
+    cores = available_cores()
+    n_jobs = cores if int(n_jobs) < 0 else int(n_jobs)  # joblib: -1 = one job per core
+    return max(1, cores // n_jobs)
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """End the current W&B run, if this process has one (no-op when wandb was never used)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    wandb.finish(exit_code=exit_code)
+    # finish() can return before the offline run file is fully written (wandb-core flushes in
+    # the background); shutting the service down flushes it, so a finished job's files are
+    # complete (and `wandb sync`-able) when it returns. The next job starts a new service.
+    wandb.teardown()
+
+
+@contextmanager
+def tracked_job(cfg: DictConfig) -> Iterator[None]:
+    """Wrap one job: thread limit, sweep index in the log, ``wandb.finish()`` whatever happens."""
+    threads, previous = job_threads(cfg), torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    hydra_cfg = _hydra()
+    if hydra_cfg is not None and str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+        log.info("sweep job #%s (%s) -> %s, %d torch threads", hydra_cfg.job.num,
+                 hydra_cfg.job.override_dirname or "no overrides", hydra_cfg.runtime.output_dir,
+                 torch.get_num_threads())
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        finish_wandb(exit_code=1 if failed else 0)
+        torch.set_num_threads(previous)  # the next job of a sequential sweep decides its own
+
+
+def build_logger(logger_cfg: DictConfig | None, out_dir: str | Path, default_group: str | None = None) -> Any:
+    """The ``logger`` group instantiated with ``save_dir = out_dir``; None for ``logger=none``.
+
+    Tags left empty by the config (``prior=`` in a training job, which has no prior) are
+    dropped, a W&B run without a name is named after the output folder, and one without a
+    group (no experiment_name) gets ``default_group`` (the entry points pass the dataset name)."""
+    if logger_cfg is None or "_target_" not in logger_cfg:
+        return None
+    kwargs: dict[str, Any] = {"save_dir": str(out_dir)}
+    if "group" in logger_cfg and logger_cfg.group is None and default_group is not None:
+        kwargs["group"] = str(default_group)
+    if "tags" in logger_cfg:
+        tags = OmegaConf.to_container(logger_cfg.tags, resolve=True) or []
+        kwargs["tags"] = [str(t) for t in tags if t and not str(t).endswith("=")]
+    if "name" in logger_cfg and logger_cfg.name is None:
+        kwargs["name"] = Path(out_dir).name
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return instantiate(logger_cfg, **kwargs)
+
+
+def loggable_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job config as plain values for the logger's hyper-parameters (the ``logger`` node
+    left out); a value that needs the Hydra runtime to resolve, outside a job, is marked so."""
+    from disc_pl.utils import to_plain
+
+    plain: dict[str, Any] = {}
+    for key in cfg:
+        if key in ("logger", "hydra"):
+            continue
+        try:
+            plain[str(key)] = to_plain(cfg[key])
+        except Exception:  # e.g. ${hydra:runtime.cwd} when called without a Hydra job
+            plain[str(key)] = "<unresolved outside a Hydra job>"
+    return plain
+
+
+def _cell(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def log_job_outputs(logger: Any, metrics: Mapping[str, float], rows: Sequence[Mapping[str, Any]] = (),
+                    images: Mapping[str, str | Path] | None = None) -> None:
+    """Final figures of a job: metrics (all loggers); on W&B also run.summary, ``images``
+    (key -> PNG file, as ``wandb.Image``) and ``rows`` as the table ``cf/results``."""
+    if logger is None:
+        return
+    logger.log_metrics(dict(metrics))
+    from pytorch_lightning.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    for key, path in (images or {}).items():
+        if Path(path).is_file():
+            logger.log_image(key=key, images=[str(path)], caption=[Path(path).name])
+    if rows:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        logger.log_table(key="cf/results", columns=columns,
+                         data=[[_cell(row.get(c)) for c in columns] for row in rows])
+    logger.experiment.summary.update({k: _cell(v) for k, v in metrics.items()})

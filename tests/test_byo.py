@@ -1,0 +1,155 @@
+"""Bring-your-own classifiers: TorchScript and torchvision wrappers, post-hoc DEP, safe loading."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from test_models import ToyDataModule  # tests/ is on sys.path (pytest rootdir conftest)
+from torch import nn
+
+from disc_pl.models.byo import (
+    BYOClassifier,
+    fit_posthoc_dep,
+    from_torchscript,
+    from_torchvision,
+    load_posthoc_dep,
+    save_posthoc_dep,
+)
+from disc_pl.models.cache import UnsafeCheckpointError
+from disc_pl.train import build_model
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+class TinyNet(nn.Module):
+    """A user's classifier: expects normalised input ((x - 0.5) / 0.25)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.forward_features(x)[0]
+
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        f1 = F.relu(self.conv1(x))
+        f2 = F.relu(self.conv2(f1))
+        return self.fc(f2.mean(dim=(2, 3))), [f1, f2]
+
+
+class PlainNet(nn.Module):
+    """The same net without an exported forward_features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(F.relu(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+def _train_briefly(net, dm, steps=60):
+    """Fit the user's model on the toy task, to a few % error, so per-image losses vary."""
+    torch.manual_seed(0)
+    data = dm.dataset("train")
+    x = torch.stack([d["image"] for d in data])
+    y = torch.stack([torch.as_tensor(d["label"]) for d in data])
+    flip = torch.rand(len(y)) < 0.1  # label noise: some confidently wrong, some uncertain
+    y = torch.where(flip, 1 - y, y)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for step in range(steps):
+        idx = torch.randint(0, len(y), (64,))
+        loss = F.cross_entropy(net((x[idx] - 0.5) / 0.25), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    dm = ToyDataModule(n=256)
+    dm.setup()
+    return dm
+
+
+def test_torchscript_classifier_gets_a_posthoc_dep_head(tmp_path, toy):
+    path = tmp_path / "user.ts"
+    torch.jit.script(_train_briefly(PlainNet(), toy)).save(str(path))
+    with pytest.warns(UserWarning, match="forward_features"):
+        wrapper = from_torchscript(path, num_classes=2, image_size=12, mean=MEAN, std=STD, class_names=["a", "b"])
+    assert not wrapper.has_loss_predictor and torch.isnan(wrapper.dep_target)
+    x = torch.stack([toy.dataset("test")[i]["image"] for i in range(8)])
+    # the wrapper takes [0, 1] pixels and normalises itself
+    torch.testing.assert_close(wrapper(x), wrapper.model((x - 0.5) / 0.25))
+    logits, feats = wrapper.forward_features(x)
+    assert len(feats) == 1 and torch.equal(feats[0], logits)  # logits are the only feature
+
+    figures = fit_posthoc_dep(wrapper, toy, split="val", epochs=60, holdout=0.4, seed=0)
+    assert figures["dep/holdout_spearman"] > 0.2, figures
+    assert wrapper.has_loss_predictor and torch.isfinite(wrapper.dep_target)
+    assert wrapper.predict_loss(feats).shape == (8,)
+
+    # the head round-trips through a weights-only file
+    save_posthoc_dep(wrapper, tmp_path / "dep.pt")
+    fresh = from_torchscript(path, num_classes=2, image_size=12, mean=MEAN, std=STD, dep_path=tmp_path / "dep.pt")
+    torch.testing.assert_close(fresh.predict_loss(feats), wrapper.predict_loss(feats))
+    assert fresh.dep_target.item() == wrapper.dep_target.item()
+
+
+def test_torchscript_exported_forward_features_are_the_taps(tmp_path, toy):
+    net = _train_briefly(TinyNet(), toy, steps=10)
+    path = tmp_path / "user.ts"
+    torch.jit.script(net).save(str(path))
+    wrapper = from_torchscript(path, num_classes=2, image_size=12, mean=MEAN, std=STD)
+    x = torch.rand(3, 3, 12, 12)
+    logits, feats = wrapper.forward_features(x)
+    assert [f.shape[1] for f in feats] == [8, 16] == wrapper.feature_channels()
+    ref_logits, ref_feats = net.forward_features((x - 0.5) / 0.25)
+    torch.testing.assert_close(feats[1], ref_feats[1])
+    torch.testing.assert_close(logits, ref_logits)
+
+
+def test_torchvision_state_dict_wrapper_taps_resnet_layers(tmp_path, toy):
+    torch.manual_seed(0)
+    user = torchvision.models.resnet18(num_classes=2).eval()
+    torch.save(user.state_dict(), tmp_path / "weights.pt")
+    cfg = OmegaConf.load(CONF / "model" / "byo.yaml")
+    cfg.path = str(tmp_path / "weights.pt")
+    wrapper = build_model(cfg, toy)  # the config route: data-dependent args filled in
+    assert isinstance(wrapper, BYOClassifier) and wrapper.feature_layers == ["layer1", "layer2", "layer3", "layer4"]
+    x = torch.rand(2, 3, 32, 32)
+    logits, feats = wrapper.forward_features(x)
+    assert [f.shape[1] for f in feats] == [64, 128, 256, 512]
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(logits, user((x - mean) / std))
+    figures = fit_posthoc_dep(wrapper, toy.dataset("val"), epochs=2, max_images=64)
+    assert figures["dep/n_fit"] + figures["dep/n_holdout"] == 64 and wrapper.has_loss_predictor
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_state_dict_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": _Payload(marker)}, tmp_path / "weights.pt")
+    with pytest.raises(UnsafeCheckpointError):
+        from_torchvision("resnet18", tmp_path / "weights.pt", num_classes=2)
+    assert not marker.exists()
