@@ -31,7 +31,7 @@ bench: $(STAMP)
 
 ## The paper's Table 1 ablation as a Hydra multirun on the synthetic dataset.
 sweep: $(STAMP)
-	$(PY) -m disc_pl.run -m experiment=table1 $(ARGS)
+	$(PY) -m disc_pl.evaluate -m experiment=table1 $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

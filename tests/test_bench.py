@@ -23,7 +23,8 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     assert (tmp_path / "bench.md").read_text().startswith("# disc_pl bench")
 
     for key in ("device", "device_name", "threads", "torch", "classifier", "precision_note", "memory_kind",
-                "recon_steps", "stage_steps", "peak_memory_mb", "targets", "targets_met", "seconds"):
+                "recon_steps", "stage_steps", "peak_memory_mb", "targets", "targets_met", "seconds",
+                "load_average_start", "load_average_end", "env"):
         assert key in saved, key
     assert saved["device"] == "cpu" and saved["threads"] == 1 and saved["quick"] is True
     assert {(t["prior"], t["batch_size"]) for t in saved["throughput"]} == {(p, b) for p in PRIORS for b in (1, 2)}
@@ -44,7 +45,9 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     # The generator's FLOPs are counted: INR (an MLP per pixel) costs more than free pixels (tv).
     assert flops["inr"]["flops_per_step"] > flops["tv"]["flops_per_step"] > 0
     assert all(f["fraction_of_matmul"] > 0 for f in flops.values())
-    assert set(saved["targets_met"]) == {"batched_over_sequential", "flops_fraction_of_matmul"}
+    assert set(saved["targets_met"]) == {"batched_over_sequential", "flops_fraction_of_matmul",
+                                         "batched_over_sequential_cpu", "flops_fraction_of_matmul_cpu"}
+    assert seq["ratio_cpu"] > 0 and all(f["fraction_of_matmul_cpu"] > 0 for f in flops.values())
 
 
 def test_fused_sine_layer_matches_autograd():

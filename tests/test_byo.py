@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_models import ToyDataModule  # tests/ is on sys.path (pytest rootdir conftest)
+from test_models import ToyDataModule, one_thread  # noqa: F401  (tests/ is on sys.path; autouse)
 from torch import nn
 
 from disc_pl.models.byo import (
@@ -17,7 +16,6 @@ from disc_pl.models.byo import (
     fit_posthoc_dep,
     from_torchscript,
     from_torchvision,
-    load_posthoc_dep,
     save_posthoc_dep,
 )
 from disc_pl.models.cache import UnsafeCheckpointError
@@ -153,3 +151,31 @@ def test_malicious_state_dict_is_refused(tmp_path):
     with pytest.raises(UnsafeCheckpointError):
         from_torchvision("resnet18", tmp_path / "weights.pt", num_classes=2)
     assert not marker.exists()
+
+
+def test_posthoc_dep_head_through_the_model_cache(tmp_path, toy):
+    from disc_pl.models.cache import ensure_model
+    from disc_pl.utils import read_metrics
+
+    user = tmp_path / "user.ts"
+    torch.jit.script(_train_briefly(PlainNet(), toy)).save(str(user))
+    cfg = OmegaConf.load(CONF / "model" / "byo.yaml")
+    cfg.arch, cfg.path, cfg.mean, cfg.std = None, str(user), MEAN, STD
+    cfg.posthoc_dep.epochs = 20
+    dataset_cfg = OmegaConf.create({"_target_": "test_models.ToyDataModule"})
+    with pytest.warns(UserWarning):
+        head = ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", datamodule=toy)
+    assert head.name == "posthoc_dep.pt" and head.parent.name.startswith("byo-")
+    assert "dep/holdout_spearman" in read_metrics(head.parent / "metrics.json")
+    mtime = head.stat().st_mtime_ns
+    assert ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", datamodule=toy) == head
+    assert head.stat().st_mtime_ns == mtime
+    # the same path with other weights in it is another model
+    torch.jit.script(_train_briefly(PlainNet(), toy, steps=5)).save(str(user))
+    with pytest.warns(UserWarning):
+        other = ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", datamodule=toy)
+    assert other != head
+    # and the config route loads the wrapper with its head
+    with pytest.warns(UserWarning):
+        wrapper = build_model(OmegaConf.merge(cfg, {"dep_path": str(other)}), toy)
+    assert wrapper.has_loss_predictor and torch.isfinite(wrapper.dep_target)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_models import ToyDataModule  # tests/ is on sys.path (pytest rootdir conftest)
+from test_models import ToyDataModule, one_thread  # noqa: F401  (tests/ is on sys.path; autouse)
 
 import disc_pl.train as train_lib
 from disc_pl.models import cache
@@ -64,6 +64,12 @@ def test_train_model_writes_checkpoint_metrics_and_config(tmp_path):
     model = load_classifier(tmp_path / "model.ckpt")
     assert torch.isfinite(model.dep_target) and model.class_names == ["top", "bottom"]
     assert not (tmp_path / "checkpoints").exists()  # only model.ckpt is kept
+    # weights + plain hyper-parameters only; loadable without Hydra
+    assert set(torch.load(tmp_path / "model.ckpt", weights_only=True)) <= set(train_lib.SLIM_KEYS)
+    from disc_pl.models.classifier import ClassifierModule
+
+    x = torch.rand(2, 3, 12, 12)
+    torch.testing.assert_close(ClassifierModule.load_from_checkpoint(tmp_path / "model.ckpt").eval()(x), model(x))
 
 
 class _CountingTrain:

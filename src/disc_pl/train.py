@@ -100,10 +100,25 @@ def _fit_lightning(model_cfg, datamodule, trainer_cfg, out_dir: Path, logger) ->
     if callback.best_model_score is not None:
         metrics[f"best/{callback.monitor}"] = float(callback.best_model_score)
     if trainer.is_global_zero:
-        # Keep only the best epoch's weights-only checkpoint, as model.ckpt.
-        Path(best).replace(out_dir / CHECKPOINT_NAME)
+        slim_checkpoint(Path(best), out_dir / CHECKPOINT_NAME)
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return metrics
+
+
+# What model.ckpt keeps of a Lightning checkpoint: enough for load_from_checkpoint, nothing that
+# could hold objects other than tensors and plain values (e.g. the datamodule's hparams).
+SLIM_KEYS = ("state_dict", "hyper_parameters", "pytorch-lightning_version", "epoch", "global_step")
+
+
+def slim_checkpoint(src: Path, dst: Path) -> None:
+    """Rewrite the best epoch's checkpoint as model.ckpt with SLIM_KEYS only (atomically)."""
+    import torch
+
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)  # written by this process
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    torch.save({k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, tmp)
+    tmp.replace(dst)
+    src.unlink()
 
 
 def _fit_posthoc_dep(model_cfg, datamodule, out_dir: Path) -> dict[str, Any]:

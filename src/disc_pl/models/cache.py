@@ -219,6 +219,7 @@ def ensure_model(
                 raise RuntimeError(f"training finished without writing a model into {tmp}")
             if entry.exists():  # an incomplete folder someone made by hand
                 shutil.rmtree(entry)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a cache may be shared
             os.rename(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
