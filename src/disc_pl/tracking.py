@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,7 +78,7 @@ def tracked_job(cfg: DictConfig) -> Iterator[None]:
     if threads is not None:
         torch.set_num_threads(threads)
     hydra_cfg = _hydra()
-    if hydra_cfg is not None and str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
         log.info("sweep job #%s (%s) -> %s, %d torch threads", hydra_cfg.job.num,
                  hydra_cfg.job.override_dirname or "no overrides", hydra_cfg.runtime.output_dir,
                  torch.get_num_threads())
