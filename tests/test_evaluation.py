@@ -155,3 +155,29 @@ def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
     assert "identity X1' = X0 0.4 ± 0" in text
     assert "grid" not in files  # no counterfactuals.pt: no grid, the rest still written
     Image.open(files["scatter"]).verify()
+
+
+@pytest.mark.slow
+def test_run_explains_the_corrupted_queries_with_the_clean_selection(tmp_path, cache_dir):
+    from hydra import compose, initialize_config_dir
+
+    from disc_pl import run as run_lib
+    from disc_pl.data.corruptions import corrupt
+    from disc_pl.data.synthetic import SyntheticFacesDataModule
+
+    overrides = [*TOY, *TOY_INR, "query.count=2", "query.batch_size=2", f"cache_dir={cache_dir}"]
+    with initialize_config_dir(config_dir=run_lib.CONF_DIR, version_base="1.3"):
+        clean = compose("run", overrides=overrides)
+        blurred = compose("run", overrides=[*overrides, "query.corruption.name=gaussian_blur",
+                                            "query.corruption.severity=5"])
+    run_lib.run(clean, out_dir=tmp_path / "clean")
+    run_lib.run(blurred, out_dir=tmp_path / "blur")
+    a = torch.load(tmp_path / "clean" / "counterfactuals.pt", weights_only=True)
+    b = torch.load(tmp_path / "blur" / "counterfactuals.pt", weights_only=True)
+    assert a["query_id"].tolist() == b["query_id"].tolist()  # same queries at every severity
+    dm = SyntheticFacesDataModule(n_train=1200, n_val=200, n_test=300)
+    dm.setup()
+    for i, qid in enumerate(b["query_id"].tolist()):
+        image = dm.dataset("test")[qid]["image"]
+        assert torch.equal(a["query"][i], image)
+        assert torch.equal(b["query"][i], corrupt(image, "gaussian_blur", 5, seed=qid))  # run seed 0

@@ -96,9 +96,12 @@ def save_scatter(path: Path, methods: Sequence[tuple[str, Sequence[tuple[float, 
     MSEs span more than two decades (weak and strong priors differ by orders of magnitude)."""
     pts = [(n, [(x, y) for x, y in p if not (math.isnan(x) or math.isnan(y))]) for n, p in methods]
     xs = [x for _, p in pts for x, _ in p]
-    positive = [x for x in xs if x > 0]
-    log_x = bool(positive) and max(positive) / min(positive) > 100
-    tx = (lambda v: math.log10(max(v, min(positive)))) if log_x else (lambda v: v)  # noqa: E731
+    positive = sorted(x for x in xs if x > 0)
+    # Robust floor: a query left (almost) unchanged has an MSE of ~1e-20, which would squash
+    # every other point into one column; values under the 2nd percentile sit on the floor.
+    floor = positive[len(positive) // 50] if positive else 0.0
+    log_x = bool(positive) and positive[-1] / floor > 100
+    tx = (lambda v: math.log10(max(v, floor))) if log_x else (lambda v: v)  # noqa: E731
     if xs:
         x_lo, x_hi = min(tx(x) for x in xs), max(tx(x) for x in xs)
     else:
