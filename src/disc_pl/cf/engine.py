@@ -156,7 +156,7 @@ def generate_counterfactuals(
     if opts.residual:
         with torch.no_grad():
             residual = images - gen()
-        render = lambda rows: (gen(rows) + residual[rows]).clamp(0, 1)  # noqa: E731
+        render = lambda rows: (gen(rows) + (residual if rows is None else residual[rows])).clamp(0, 1)  # noqa: E731
     else:
         render = gen
     semantic = SemanticLoss(opts.space, opts.layers)
@@ -184,7 +184,10 @@ def generate_counterfactuals(
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            x = render(idx)
+            # While every query is active (most steps), None takes the prior's and RowAdam's
+            # whole-batch paths instead of gathering and scattering every parameter row.
+            everyone = idx.numel() == B
+            x = render(None if everyone else idx)
             logits, feats = classifier.forward_features(x)
             terms = {
                 "semantic": semantic(x, feats, [r[idx] for r in reference]),
@@ -200,7 +203,7 @@ def generate_counterfactuals(
             optim.zero_grad()
             if finite.any():
                 total[finite].sum().backward()
-                optim.step(idx[finite])
+                optim.step(None if everyone and bool(finite.all()) else idx[finite])
 
             with torch.no_grad():
                 # Bookkeeping on the iterate just evaluated (before this step's update).
