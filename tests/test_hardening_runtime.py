@@ -285,3 +285,25 @@ def test_same_config_and_seed_give_identical_results(tmp_path, toy_cfg):
     assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()).keys() == \
         json.loads((tmp_path / "b" / "metrics.json").read_text()).keys()
+
+
+# --------------------------------------------------------------------------- SIGTERM while training
+@pytest.mark.slow
+def test_sigterm_while_training_a_model_exits_143_and_caches_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "disc_pl.run", *TOY_MODEL, "models.classifier.fit.trainer.max_epochs=200",
+           f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}"]
+    log_file = tmp_path / "train.log"
+    with log_file.open("w") as log, running(cmd, log) as proc:
+        deadline = time.monotonic() + 300
+        while not list(cache.glob(".tmp-classifier-*/**/*.ckpt")):  # a first epoch is checkpointed
+            assert proc.poll() is None, log_file.read_text()[-2000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    text = log_file.read_text()
+    assert proc.returncode == 143, text[-2000:]  # not mistaken for a success
+    assert "SIGTERM received" in text
+    assert entries(cache) == [], "a half-trained model was published to the cache"
+    assert not list(cache.glob(".tmp-*")), "the half-trained model's temp folder was left behind"

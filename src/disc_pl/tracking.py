@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,13 @@ def tracked_job(cfg: DictConfig) -> Iterator[None]:
     try:
         yield
         failed = False
+    except SIGTERMException as err:
+        # Lightning stops a fit on SIGTERM by raising SystemExit without a code (exit 0);
+        # a job stopped half-way must not look like a success to a scheduler or a sweep.
+        if err.code in (None, 0):
+            log.warning("SIGTERM received: the job stopped before finishing (exit 143)")
+            raise SystemExit(143) from err
+        raise
     finally:
         finish_wandb(exit_code=1 if failed else 0)
         torch.set_num_threads(previous)  # the next job of a sequential sweep decides its own
