@@ -179,3 +179,41 @@ def test_posthoc_dep_head_through_the_model_cache(tmp_path, toy):
     with pytest.warns(UserWarning):
         wrapper = build_model(OmegaConf.merge(cfg, {"dep_path": str(other)}), toy)
     assert wrapper.has_loss_predictor and torch.isfinite(wrapper.dep_target)
+
+
+def test_full_run_explains_a_bring_your_own_classifier(tmp_path):
+    """`python -m disc_pl.run model@models.classifier=byo ...` end to end: the user's torchvision
+    weights are wrapped (nothing trained but the post-hoc DEP head, once, into the cache), and the
+    reported probabilities are the user's model's own on the saved counterfactuals."""
+    import csv
+
+    from hardening_support import FAST_TV, TOY_DATA, compose_cfg
+
+    from disc_pl import run as run_lib
+
+    torch.manual_seed(0)
+    user = torchvision.models.resnet18(num_classes=2).eval()
+    torch.save(user.state_dict(), tmp_path / "weights.pt")
+    overrides = [*TOY_DATA, *FAST_TV, "model@models.classifier=byo", "models.classifier.arch=resnet18",
+                 f"models.classifier.path={tmp_path / 'weights.pt'}", "models.classifier.posthoc_dep.epochs=3",
+                 "query.require_correct=false", "query.count=4", f"cache_dir={tmp_path / 'cache'}"]
+    metrics = run_lib.run(compose_cfg([*overrides, "manifold=dep"]), out_dir=tmp_path / "dep")
+    assert metrics["cf/queries"] == 4
+    heads = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert len(heads) == 1 and heads[0].startswith("byo-")
+    assert (tmp_path / "cache" / heads[0] / "posthoc_dep.pt").is_file()
+
+    saved = torch.load(tmp_path / "dep" / "counterfactuals.pt", weights_only=True)
+    rows = list(csv.DictReader(open(tmp_path / "dep" / "results.csv")))
+    assert {r["status"] for r in rows} <= {"flipped", "not_flipped", "diverged"}
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        p = torch.softmax(user((saved["counterfactual"] - mean) / std), 1)[:, 1]
+    by_id = {int(r["query_id"]): float(r["target_prob"]) for r in rows}
+    reported = torch.tensor([by_id[int(i)] for i in saved["query_id"]])
+    torch.testing.assert_close(p, reported, atol=1e-5, rtol=0)
+
+    # manifold=none needs no DEP head: nothing new is fitted
+    run_lib.run(compose_cfg([*overrides, "manifold=none"]), out_dir=tmp_path / "none")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == heads

@@ -63,7 +63,8 @@ def test_diverging_query_is_isolated(toy_classifier, toy_queries):
 
 def test_query_that_cannot_flip_keeps_best_attempt(toy_classifier, toy_queries):
     images, targets, _ = toy_queries
-    opts = options(recon_steps=0, lr=1e-5, stages=[Stage(["pixels"], 5, 1)])
+    # localize_grid=0: one search, so its 5 steps are all there is (the gate's fallback is in test_gate.py)
+    opts = options(recon_steps=0, lr=1e-5, stages=[Stage(["pixels"], 5, 1)], localize_grid=0)
     out = generate_counterfactuals(toy_classifier, images[:2], targets[:2], prior="tv", options=opts)
     assert out.status == ["not_flipped", "not_flipped"]
     assert torch.isfinite(out.images).all()

@@ -61,6 +61,10 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["seed=-1"], "seed", "-1", "must be an integer in 0..4294967295"),
     (["models.classifier.use_dep=false"], "models.classifier.use_dep", "false",
      "manifold=dep needs the classifier's DEP loss predictor: set models.classifier.use_dep=true"),
+    (["localize.grid=64"], "localize.grid", "64", "cannot be finer than the 32x32 image"),
+    (["localize.grid=0"], "localize.grid", "0", "must be an integer >= 1"),
+    (["localize.lambda_area=-1"], "localize.lambda_area", "-1", "must be a number >= 0"),
+    (["localize=none", "localize.grid=8"], "localize.grid", "8", "localize=none has no gate"),
 ])
 def test_bad_value_fails_before_any_work(tmp_path, overrides, key, shown, allowed):
     err = run_fails(tmp_path, overrides)

@@ -160,7 +160,9 @@ class Bench:
         stages = [Stage(groups=list(s.groups), steps=self.stage_steps, min_steps=self.stage_steps + 1)
                   for s in options.stages]  # min_steps > steps: a flipped query never leaves
         recon = self.recon_steps if options.recon_steps > 0 else 0  # tv: nothing to reconstruct
-        return replace(options, stages=stages, recon_steps=recon, psnr_target=1e9, log_every=0), hparams
+        # gate_fallback off: a fixed amount of work per query (no second search for unflipped ones)
+        return replace(options, stages=stages, recon_steps=recon, psnr_target=1e9, log_every=0,
+                       gate_fallback=False), hparams
 
     def generate(self, prior: str, rows: slice, options: InversionOptions | None = None, hparams=None):
         if options is None:

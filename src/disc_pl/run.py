@@ -30,8 +30,10 @@ from disc_pl.cf.progress import QueryProgress
 from disc_pl.cf.results import (ensure_writable_dir, finished_query_ids, merge_parts, remove_stale_temps,
                                 write_json, write_results_table)
 from disc_pl.data.corruptions import corrupted
+from disc_pl.models.byo import load_posthoc_dep
 from disc_pl.models.cache import ensure_model, load_classifier, load_duq
-from disc_pl.validate import check_model_fits_data, validate_run_config, validate_with_data
+from disc_pl.train import build_model
+from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
 from disc_pl.viz import save_grid
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,31 @@ def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, str, dict]:
         lambda_mc=float(manifold.lambda_mc), lambda_fc=float(inv.lambda_fc), relax=float(inv.relax),
         lr=float(prior.lr), stages=stages, target_margin=float(inv.target_margin),
         recon_steps=int(recon.get("max_steps", 0)), psnr_target=float(recon.get("psnr_target", 35.0)),
-        recon_lr=recon.get("lr"), log_every=int(inv.log_every))
+        recon_lr=recon.get("lr"), log_every=int(inv.log_every),
+        localize_grid=int(cfg.localize.grid), lambda_area=float(cfg.localize.lambda_area),
+        gate_lr=float(cfg.localize.lr), gate_init=float(cfg.localize.init),
+        gate_relax=float(cfg.localize.relax), gate_fallback=bool(cfg.localize.fallback))
     hparams = dict(OmegaConf.to_container(prior.get("hparams") or {}, resolve=True))  # generator hparams
     return options, str(prior.name), hparams
+
+
+def load_run_classifier(cfg: DictConfig, dm) -> tuple[torch.nn.Module, Path]:
+    """The classifier to explain, and the file it came from.
+
+    disc_pl classifiers are trained into the cache if missing. A bring-your-own classifier
+    (``model@models.classifier=byo``) is the user's file, wrapped; with ``manifold=dep`` and no
+    ``models.classifier.dep_path`` its post-hoc DEP head is fitted once into the cache."""
+    mcfg = cfg.models.classifier
+    if not is_byo(mcfg):
+        path = ensure_model(mcfg, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir, datamodule=dm)
+        return load_classifier(path), path
+    wrapper = build_model(mcfg, dm)
+    if cfg.manifold.name == "dep" and mcfg.get("dep_path") is None:
+        head = ensure_model(mcfg, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir, datamodule=dm)
+        load_posthoc_dep(wrapper, head)
+    for p in wrapper.parameters():
+        p.requires_grad_(False)
+    return wrapper.eval(), Path(str(mcfg.path))
 
 
 def build_manifold(cfg: DictConfig, classifier: torch.nn.Module) -> torch.nn.Module | None:
@@ -100,6 +124,10 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
     return chosen[: int(qcfg.count)], source, target
 
 
+def _truthy(value: Any) -> bool:
+    return value is True or str(value) == "True"
+
+
 def summarize(rows: list[dict]) -> dict[str, float]:
     """Aggregates of the results table: ``cf/<figure>`` mean and ``cf/<figure>_std``."""
     out: dict[str, float] = {"cf/queries": len(rows)}
@@ -108,6 +136,10 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     out["cf/flip_rate"] = sum(r["flipped"] for r in rows) / len(rows)
     for status in ("flipped", "not_flipped", "diverged"):
         out[f"cf/n_{status}"] = sum(r["status"] == status for r in rows)
+    # share of the flipped counterfactuals found by the gated (localized) search
+    flipped = [r for r in rows if r["flipped"]]
+    if flipped and "localized" in flipped[0]:
+        out["cf/localized_rate"] = sum(_truthy(r["localized"]) for r in flipped) / len(flipped)
     for key in ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob",
                 "initial_prob", "steps", "seconds", "recon_psnr"):
         vals = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
@@ -136,9 +168,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     validate_with_data(cfg, dm)  # query classes / indices, before any model is trained
     # Test-time corruption of the queries only (paper Figure 8); validated before any training.
     query_data = corrupted(dm.dataset(cfg.query.split), cfg.query.get("corruption"), int(cfg.seed))
-    classifier_path = ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir,
-                                   datamodule=dm)
-    classifier = load_classifier(classifier_path)
+    classifier, classifier_path = load_run_classifier(cfg, dm)
     check_model_fits_data(classifier, dm, "models.classifier", classifier_path)
     manifold = build_manifold(cfg, classifier)
     indices, source, target = select_queries(dm, classifier, cfg.query)

@@ -390,6 +390,22 @@ def _check_inversion(ch: _Checks) -> None:
     ch.integer("inversion.log_every", 0)
 
 
+def _check_localize(ch: _Checks) -> None:
+    name = ch.choice("localize.name", ("gate", "none"))
+    size = ch.get("dataset.image_size")
+    grid = ch.integer("localize.grid", 1 if name == "gate" else 0)
+    if name == "none" and _is_int(grid) and grid != 0:
+        ch.add("localize.grid", grid, "localize=none has no gate: keep grid 0, or choose localize=gate")
+    if name == "gate" and _is_int(grid) and _is_int(size) and grid > size:
+        ch.add("localize.grid", grid, f"the gate cannot be finer than the {size}x{size} image: use a grid "
+               f"between 1 and {size} (8 suits 32-96 px)")
+    ch.number("localize.lambda_area", 0)
+    ch.number("localize.lr", 0, low_open=True)
+    ch.number("localize.init")
+    ch.number("localize.relax", 0, 1, low_open=True)
+    ch.boolean("localize.fallback")
+
+
 def _check_output(ch: _Checks) -> None:
     ch.integer("output.grid_max", 0)
     ch.boolean("output.save_tensors")
@@ -496,7 +512,7 @@ def validate_run_config(cfg: DictConfig) -> None:
     ch.known_keys("", _allowed_top_level("run"), "top-level keys of conf/run.yaml")
     for section in ("query", "inversion", "output"):
         ch.known_keys(section, ref[section].keys(), f"keys of {section}")
-    for group in ("prior", "manifold", "space"):
+    for group in ("prior", "manifold", "space", "localize"):
         ch.known_keys(group, _group_keys(group), f"keys of the {group} options")
     _check_top_level(ch)
     _check_dataset(ch)
@@ -506,6 +522,7 @@ def validate_run_config(cfg: DictConfig) -> None:
     _check_trainer(ch)
     _check_query(ch)
     _check_inversion(ch)
+    _check_localize(ch)
     _check_output(ch)
     _check_space_and_manifold(ch)
     _check_prior(ch)

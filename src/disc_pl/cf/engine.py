@@ -17,6 +17,10 @@ How a batch is optimised (SPEC sections 2-5):
    generator: the reconstruction error (e.g. 1-3 % at 30-35 dB, spread over the whole image)
    is not counted as a change, so x' = x exactly when the counterfactual stages begin and every
    difference |x - x'| is one the objective asked for, shaped by the prior.
+   With ``localize_grid > 0`` (default in ``conf/run.yaml``; not in the paper) a soft spatial
+   gate m (``disc_pl.cf.gate``) is learned with the generator: x' = x + m * (G - x), plus
+   ``lambda_area * mean(m)`` in the objective, so the change collects where the classifier
+   reads the class (term ``area``).
 2. Stages k = 0..S-1 each train a growing set of generator layer groups with the semantic
    weight relaxed by ``relax**k``. Frozen prefixes are cached by the prior.
 3. Each step runs only the *active* queries: a query leaves the batch once it is flipped with
@@ -27,6 +31,7 @@ How a batch is optimised (SPEC sections 2-5):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,12 +40,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from disc_pl.cf.gate import SpatialGate
 from disc_pl.cf.losses import SemanticLoss, functional_loss, per_sample_mse
 from disc_pl.cf.optim import RowAdam
 from disc_pl.cf.priors import Prior, build_prior
 
 FLIPPED, NOT_FLIPPED, DIVERGED = "flipped", "not_flipped", "diverged"
-TERMS = ("semantic", "manifold", "functional", "prior", "total")
+TERMS = ("semantic", "manifold", "functional", "prior", "area", "total")
 
 
 @dataclass
@@ -69,17 +75,27 @@ class InversionOptions:
     psnr_target: float = 35.0               # reconstruction stops per query at this PSNR (dB)
     recon_lr: float | None = None           # None: the prior's own default
     residual: bool = True                   # x' = x + G(z) - G_0(z): see module docstring
+    # Localization gate (cf/gate.py; not in the paper): x' = x + m * (G - x), + lambda_area * mean(m)
+    localize_grid: int = 8                  # gate cells per side; 0 = off (the paper's objective)
+    lambda_area: float = 50.0
+    gate_lr: float = 0.1                    # Adam lr of the gate logits
+    gate_init: float = -3.0                 # initial logit: sigmoid(-3) = 0.05 open
+    gate_relax: float = 1.0                 # lambda_area *= gate_relax per stage
+    gate_fallback: bool = True              # queries the gated search cannot flip are redone ungated
     log_every: int = 10                     # call `on_log` every N steps (0 = never)
 
     def __post_init__(self) -> None:
         checks = {"lr": self.lr > 0, "relax": 0 < self.relax <= 1, "lambda_sem": self.lambda_sem >= 0,
                   "lambda_mc": self.lambda_mc >= 0, "lambda_fc": self.lambda_fc > 0,
-                  "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1}
+                  "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1,
+                  "localize_grid": self.localize_grid >= 0, "lambda_area": self.lambda_area >= 0,
+                  "gate_lr": self.gate_lr > 0, "gate_relax": 0 < self.gate_relax <= 1}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"inversion.{key}={getattr(self, key)!r} is out of range "
                                  "(lr, lambda_fc > 0; lambdas >= 0; 0 < relax <= 1; "
-                                 "0 <= target_margin < 1; recon_steps >= 0)")
+                                 "0 <= target_margin < 1; recon_steps >= 0; localize_grid >= 0; "
+                                 "lambda_area >= 0; gate_lr > 0; 0 < gate_relax <= 1)")
         if not self.stages:
             raise ValueError("inversion needs at least one stage (prior.stages)")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
@@ -104,6 +120,7 @@ class CounterfactualBatch:
     recon_psnr: Tensor             # [B] PSNR of the reconstruction stage (dB)
     seconds: float                 # wall time of the whole batch
     losses: dict[str, Tensor] = field(default_factory=dict)  # term -> [B] at the kept iterate
+    localized: Tensor | None = None  # [B] bool: the kept image came from the gated search
 
 
 def _probs(logits: Tensor) -> Tensor:
@@ -118,7 +135,7 @@ def is_flipped(logits: Tensor, target: Tensor, margin: float) -> Tensor:
     return (p.argmax(1) == target) & (p_t - other >= margin)
 
 
-def generate_counterfactuals(
+def _invert(
     classifier: nn.Module,
     images: Tensor,
     targets: Tensor,
@@ -130,19 +147,11 @@ def generate_counterfactuals(
     seeds: Sequence[int] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> CounterfactualBatch:
-    """Counterfactuals for a batch of queries ``images [B,C,H,W]`` in [0, 1] towards ``targets [B]``.
-
-    ``seeds[i]`` seeds query i's generator; results for a query depend only on its image, target
-    and seed, not on the rest of the batch. See the module docstring for the algorithm.
-    """
+    """One inversion pass over a batch (see ``generate_counterfactuals``)."""
     opts = options or InversionOptions()
     t_start = time.perf_counter()
     images = images.detach()
     B, device = images.shape[0], images.device
-    targets = torch.as_tensor(targets, device=device).long().view(-1)
-    if targets.shape[0] != B:
-        raise ValueError(f"{B} images but {targets.shape[0]} targets")
-    seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
     classifier.eval()
     for module in (classifier, manifold):
         if module is not None:
@@ -159,6 +168,10 @@ def generate_counterfactuals(
         render = lambda rows: (gen(rows) + (residual if rows is None else residual[rows])).clamp(0, 1)  # noqa: E731
     else:
         render = gen
+    gate = None
+    if opts.localize_grid:
+        gate = SpatialGate(B, opts.localize_grid, tuple(images.shape[-2:]), opts.gate_init, device)
+        gate_optim = RowAdam([gate.logits], lr=opts.gate_lr)
     semantic = SemanticLoss(opts.space, opts.layers)
     with torch.no_grad():
         logits0, feats0 = classifier.forward_features(images)
@@ -180,6 +193,7 @@ def generate_counterfactuals(
     for k, stage in enumerate(opts.stages):
         gen.set_trainable(stage.groups)
         lam_sem = opts.lambda_sem * opts.relax ** k
+        lam_area = opts.lambda_area * opts.gate_relax ** k  # later stages may open the gate wider
         for it in range(stage.steps):
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -187,23 +201,35 @@ def generate_counterfactuals(
             # While every query is active (most steps), None takes the prior's and RowAdam's
             # whole-batch paths instead of gathering and scattering every parameter row.
             everyone = idx.numel() == B
-            x = render(None if everyone else idx)
+            subset = None if everyone else idx
+            x = render(subset)
+            area = torch.zeros(idx.numel(), device=device)
+            if gate is not None:
+                x, m = gate.apply(images if everyone else images[idx], x, subset)
+                area = m.flatten(1).mean(1)
             logits, feats = classifier.forward_features(x)
             terms = {
                 "semantic": semantic(x, feats, [r[idx] for r in reference]),
                 "functional": functional_loss(logits, targets[idx]),
                 "prior": gen.regularizer(x, idx),
+                "area": area,
             }
             terms["manifold"] = (manifold(x, logits, feats, source[idx], targets[idx])
                                  if manifold is not None else torch.zeros_like(terms["functional"]))
             total = (lam_sem * terms["semantic"] + opts.lambda_mc * terms["manifold"]
-                     + opts.lambda_fc * terms["functional"] + terms["prior"])
+                     + opts.lambda_fc * terms["functional"] + terms["prior"]
+                     + lam_area * terms["area"])
             terms["total"] = total
             finite = torch.isfinite(total)
             optim.zero_grad()
+            if gate is not None:
+                gate_optim.zero_grad()
             if finite.any():
                 total[finite].sum().backward()
-                optim.step(None if everyone and bool(finite.all()) else idx[finite])
+                stepped = None if everyone and bool(finite.all()) else idx[finite]
+                optim.step(stepped)
+                if gate is not None:
+                    gate_optim.step(stepped)
 
             with torch.no_grad():
                 # Bookkeeping on the iterate just evaluated (before this step's update).
@@ -246,4 +272,63 @@ def generate_counterfactuals(
         target_prob=_probs(logits_final).gather(1, targets[:, None]).squeeze(1).cpu(),
         prediction=logits_final.argmax(1).cpu(), steps=steps.cpu(), recon_psnr=recon_psnr.cpu(),
         seconds=time.perf_counter() - t_start, losses={t: v.cpu() for t, v in kept_terms.items()},
+        localized=torch.full((B,), gate is not None, dtype=torch.bool),
     )
+
+
+def generate_counterfactuals(
+    classifier: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    prior: str | Prior = "inr",
+    prior_hparams: Mapping | None = None,
+    manifold: nn.Module | None = None,
+    options: InversionOptions | None = None,
+    seeds: Sequence[int] | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> CounterfactualBatch:
+    """Counterfactuals for a batch of queries ``images [B,C,H,W]`` in [0, 1] towards ``targets [B]``.
+
+    ``seeds[i]`` seeds query i's generator; results for a query depend only on its image, target
+    and seed, not on the rest of the batch. See the module docstring for the algorithm.
+
+    With the localization gate on and ``gate_fallback`` (default), a query the gated search
+    does not flip is optimised again from scratch with the paper's objective (no gate, same
+    seed); ``localized[i]`` says which search the returned image came from, and ``steps``
+    counts both. A query is thus never left unflipped only because its evidence is not local.
+    """
+    opts = options or InversionOptions()
+    t_start = time.perf_counter()
+    images = images.detach()
+    B = images.shape[0]
+    targets = torch.as_tensor(targets, device=images.device).long().view(-1)
+    if targets.shape[0] != B:
+        raise ValueError(f"{B} images but {targets.shape[0]} targets")
+    seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
+    kwargs = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, on_log=on_log)
+    out = _invert(classifier, images, targets, options=opts, seeds=seeds, **kwargs)
+    redo = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED]
+    if not (opts.localize_grid and opts.gate_fallback and redo and isinstance(prior, str)):
+        out.seconds = time.perf_counter() - t_start
+        return out
+    rows = torch.tensor(redo)
+    again = _invert(classifier, images[rows.to(images.device)], targets[rows.to(targets.device)],
+                    options=dataclasses.replace(opts, localize_grid=0), seeds=[seeds[i] for i in redo],
+                    **kwargs)
+    # The ungated result replaces the gated attempt when it flipped, or when neither flipped
+    # and it came closer (higher target probability).
+    better = torch.tensor([s == FLIPPED or (s == NOT_FLIPPED and float(p) > float(out.target_prob[i]))
+                           for s, p, i in zip(again.status, again.target_prob, redo)])
+    take, src = rows[better], torch.arange(len(redo))[better]
+    for name in ("images", "target_prob", "prediction", "recon_psnr"):
+        getattr(out, name)[take] = getattr(again, name)[src]
+    for t, v in out.losses.items():
+        v[take] = again.losses[t][src]
+    out.localized[take] = False
+    out.steps[rows] += again.steps
+    for j, i in enumerate(redo):
+        if better[j]:
+            out.status[i] = again.status[j]
+    out.seconds = time.perf_counter() - t_start
+    return out
