@@ -35,19 +35,31 @@ def test_counterfactual_flips_trained_classifier(toy_classifier, toy_queries):
     assert (out.recon_psnr > 25).all()
 
 
-def test_batched_matches_one_at_a_time(toy_classifier, toy_queries):
+@pytest.mark.parametrize("gate", [False, True], ids=["paper", "gate"])
+def test_batched_matches_one_at_a_time(toy_classifier, toy_queries, gate):
     images, targets, _ = toy_queries
     images, targets = images[:3], targets[:3]
     seeds = [11, 12, 13]
-    opts = options(recon_steps=40, stages=[Stage(["out"], 15, 3), Stage(["all"], 15, 3)])
+    opts = options(recon_steps=40, stages=[Stage(["out"], 15, 3), Stage(["all"], 15, 3)],
+                   localize_grid=8 if gate else 0)
     together = generate_counterfactuals(toy_classifier, images, targets, prior="inr",
                                         prior_hparams=SMALL_INR, options=opts, seeds=seeds)
     for i in range(3):
         alone = generate_counterfactuals(toy_classifier, images[i:i + 1], targets[i:i + 1], prior="inr",
                                          prior_hparams=SMALL_INR, options=opts, seeds=seeds[i:i + 1])
+        # Every decision is the query's own: same status, same number of steps, same search.
         assert alone.status[0] == together.status[i]
         assert int(alone.steps[0]) == int(together.steps[i])
-        torch.testing.assert_close(alone.images[0], together.images[i], atol=2e-3, rtol=0)
+        if gate:
+            assert bool(alone.localized[0]) == bool(together.localized[i])
+        # Pixels agree up to float round-off of differently sized batched ops, which Adam's
+        # normalised steps can amplify over a long run (the gate's fallback reruns a smaller
+        # batch): within 2e-3 everywhere, or on average within 10 % of the change itself.
+        diff = (alone.images[0] - together.images[i]).abs()
+        change = (together.images[i] - images[i]).abs().mean()
+        assert diff.max() < 2e-3 or diff.mean() < 0.1 * change, (i, diff.max(), diff.mean(), change)
+        if not gate:
+            assert diff.max() < 2e-3
 
 
 def test_diverging_query_is_isolated(toy_classifier, toy_queries):
@@ -101,3 +113,4 @@ def test_bad_options_fail_early():
         InversionOptions(lr=0)
     with pytest.raises(ValueError, match="steps"):
         InversionOptions(stages=[Stage(["all"], steps=0)])
+

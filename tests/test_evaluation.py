@@ -97,6 +97,8 @@ def test_report_on_a_real_multirun(tmp_path, cache_dir):
             mean, std = (float(v) for v in re.findall(r"[-+0-9.e]+", cells[column])[:2])
             assert mean == pytest.approx(m[key], rel=5e-3) and std == pytest.approx(m[key + "_std"], rel=5e-3, abs=1e-12)
         assert cells["flip rate"] == report_lib.fmt(m["cf/flip_rate"])
+        assert cells["localized"] == report_lib.fmt(m["cf/localized_rate"]) if "cf/localized_rate" in m \
+            else cells["localized"] == "–"
         assert cells["CD"] == "–"  # run jobs have no CD
         assert cells["queries"] == str(m["cf/queries"])
 
@@ -151,7 +153,7 @@ def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
     # --wandb builds the W&B table and images (mode disabled: nothing leaves the machine)
     files = report_lib.report(tmp_path, tmp_path / "out", wandb_project="disc_pl", wandb_mode="disabled")
     text = files["markdown"].read_text()
-    assert "| LSO+INR+DEP | 3 ± 1.63 | 0.5 ± 0 | 0.3 ± 0.163 | 1 | – | 3 |" in text
+    assert "| LSO+INR+DEP | 3 ± 1.63 | 0.5 ± 0 | 0.3 ± 0.163 | 1 | – | – | 3 |" in text  # no in-mask, no gate
     assert "identity X1' = X0 0.4 ± 0" in text
     assert "grid" not in files  # no counterfactuals.pt: no grid, the rest still written
     Image.open(files["scatter"]).verify()

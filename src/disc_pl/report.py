@@ -42,7 +42,7 @@ NAMED_KEYS = {"prior", "manifold", "space", "seed", "query.corruption.name", "qu
 QUERY_FIGURES = ("mse", "concentration", "in_mask")
 COLUMNS = [  # (header, key in the method's stats)
     ("MSE", "mse"), ("Conc.", "concentration"), ("CD", "cd"), ("flip rate", "flip_rate"),
-    ("in-mask", "in_mask"),
+    ("in-mask", "in_mask"), ("localized", "localized"),
 ]
 
 
@@ -156,6 +156,10 @@ def method_stats(method: Method) -> dict[str, Any]:
         stats[key] = _mean_std([v for r in rows if not math.isnan(v := _float(r.get(key)))])
     stats["flip_rate"] = (sum(r.get("flipped") == "True" for r in rows) / len(rows), math.nan) if rows \
         else (math.nan, math.nan)
+    # share of the flipped counterfactuals found by the gated search (localize=gate; not the fallback)
+    flipped = [r for r in rows if r.get("flipped") == "True" and r.get("localized") in ("True", "False")]
+    stats["localized"] = (sum(r["localized"] == "True" for r in flipped) / len(flipped), math.nan) if flipped \
+        else (math.nan, math.nan)
     for prefix, name in (("cd/", "cd"), ("cd/gt_", "cd_gt"), ("cd/identity_", "cd_identity")):
         with_cd = [j.metrics for j in method.jobs if j.metrics.get(f"{prefix}mean") is not None]
         if len(with_cd) == 1:
@@ -196,7 +200,8 @@ def write_markdown(path: Path, root: Path, stats: Sequence[dict[str, Any]], figu
     parts = [f"# Report: {root}", "",
              "Mean ± population std: MSE, Conc. (bounding-box area of the change), in-mask (share of "
              "the change inside the ground-truth attribute mask) over queries; CD (classifier "
-             "discrepancy, lower is better) over seeds; flip rate = share of valid counterfactuals.",
+             "discrepancy, lower is better) over seeds; flip rate = share of valid counterfactuals; "
+             "localized = share of those found by the gated search (localize=gate), not its fallback.",
              "", markdown_table(stats), ""]
     if refs:
         s = refs[0]
@@ -208,7 +213,7 @@ def write_markdown(path: Path, root: Path, stats: Sequence[dict[str, Any]], figu
 
 
 def write_csv(path: Path, stats: Sequence[dict[str, Any]]) -> None:
-    keys = ["mse", "concentration", "cd", "flip_rate", "in_mask", "cd_gt", "cd_identity"]
+    keys = ["mse", "concentration", "cd", "flip_rate", "in_mask", "localized", "cd_gt", "cd_identity"]
     header = ["method", "jobs", "queries"] + [f"{k}_{p}" for k in keys for p in ("mean", "std")] + \
         ["cd_acc_real", "cd_acc_cf"]
     with path.open("w", newline="") as f:

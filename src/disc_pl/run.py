@@ -137,8 +137,8 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     for status in ("flipped", "not_flipped", "diverged"):
         out[f"cf/n_{status}"] = sum(r["status"] == status for r in rows)
     # share of the flipped counterfactuals found by the gated (localized) search
-    flipped = [r for r in rows if r["flipped"]]
-    if flipped and "localized" in flipped[0]:
+    flipped = [r for r in rows if r["flipped"] and str(r.get("localized")) in ("True", "False")]
+    if flipped:
         out["cf/localized_rate"] = sum(_truthy(r["localized"]) for r in flipped) / len(flipped)
     for key in ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob",
                 "initial_prob", "steps", "seconds", "recon_psnr"):

@@ -120,7 +120,7 @@ class CounterfactualBatch:
     recon_psnr: Tensor             # [B] PSNR of the reconstruction stage (dB)
     seconds: float                 # wall time of the whole batch
     losses: dict[str, Tensor] = field(default_factory=dict)  # term -> [B] at the kept iterate
-    localized: Tensor | None = None  # [B] bool: the kept image came from the gated search
+    localized: Tensor | None = None  # [B] bool: the kept image came from the gated search; None: no gate
 
 
 def _probs(logits: Tensor) -> Tensor:
@@ -272,7 +272,7 @@ def _invert(
         target_prob=_probs(logits_final).gather(1, targets[:, None]).squeeze(1).cpu(),
         prediction=logits_final.argmax(1).cpu(), steps=steps.cpu(), recon_psnr=recon_psnr.cpu(),
         seconds=time.perf_counter() - t_start, losses={t: v.cpu() for t, v in kept_terms.items()},
-        localized=torch.full((B,), gate is not None, dtype=torch.bool),
+        localized=torch.ones(B, dtype=torch.bool) if gate is not None else None,
     )
 
 

@@ -96,7 +96,8 @@ def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None)
                "initial_prob": float(out.initial_prob[i]), "target_prob": float(out.target_prob[i]),
                "prediction": name(int(out.prediction[i])), "flipped": status == "flipped",
                "status": status,
-               "localized": bool(out.localized[i]) if out.localized is not None else False}
+               # empty without the gate (localize=none): the question does not apply
+               "localized": bool(out.localized[i]) if out.localized is not None else ""}
         row.update({k: float(v[i]) for k, v in figures.items()})
         row.update({"steps": int(out.steps[i]), "seconds": per_query_seconds,
                     "recon_psnr": float(out.recon_psnr[i])})
