@@ -61,6 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-steps", type=int, default=None, help="steps per counterfactual stage (default 10)")
     p.add_argument("--sequential-queries", type=int, default=None, help="default 32")
     p.add_argument("--checkpoint", default=None, help="a trained classifier (model.ckpt) instead of a fresh one")
+    p.add_argument("overrides", nargs="*", help="run-config overrides, e.g. localize=none prior.hparams.hidden=256")
     return p.parse_args(argv)
 
 
@@ -126,7 +127,8 @@ class Bench:
         self.timing_repeats = 1 if quick else 5  # per-part step timings (fastest kept)
         self.run_repeats = 1 if quick else 2  # whole generate() runs (fastest kept)
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            self.configs = {p: compose("run", overrides=[f"prior={p}", "logger=none"]) for p in args.priors}
+            self.configs = {p: compose("run", overrides=[f"prior={p}", "logger=none", *args.overrides])
+                            for p in args.priors}
         cfg = next(iter(self.configs.values()))
         self.classifier, self.classifier_desc = self._classifier(cfg, args.checkpoint)
         self.manifold = DEPManifold(self.classifier)
@@ -299,8 +301,10 @@ def markdown(r: dict) -> str:
     lines = [f"# disc_pl bench — {r['device_name']} ({r['threads']} threads), {r['time']}", "",
              f"Load average {r['load_average_start']:.1f} at the start, {r['load_average_end']:.1f} at the end "
              f"({r['seconds']:.0f} s); OMP_WAIT_POLICY={r['env']['OMP_WAIT_POLICY']}.", "",
-             f"Classifier: {r['classifier']}. Images {r['image_size']}x{r['image_size']}, manifold=dep, "
-             f"space=lso; {r['recon_steps']} reconstruction steps, {r['stage_steps']} steps per stage, "
+             f"Classifier: {r['classifier']}. Images {r['image_size']}x{r['image_size']}, "
+             + ", ".join(f"{k}={v}" for k, v in r["method"].items())
+             + (f" (overrides: {' '.join(r['overrides'])})" if r["overrides"] else "")
+             + f"; {r['recon_steps']} reconstruction steps, {r['stage_steps']} steps per stage, "
              f"no early stopping. {r['precision_note']}", "",
              "## Counterfactuals per second", "",
              "Wall clock, and per CPU second of this process (with 1 thread: the wall time an idle "
@@ -361,6 +365,10 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
         "image_size": int(bench.images.shape[-1]), "recon_steps": bench.recon_steps,
         "stage_steps": bench.stage_steps, "batch_sizes": bench.batch_sizes,
+        # the bench always uses manifold=dep and space=lso; the gate follows the run config
+        "method": {"manifold": "dep", "space": "lso",
+                   "localize": str(next(iter(bench.configs.values())).localize.name)},
+        "overrides": list(args.overrides),
         "precision_note": ("float32 with TF32 enabled for matmul and cuDNN" if device.type == "cuda"
                            else "float32"),
         "memory_kind": ("torch.cuda.max_memory_allocated per case" if device.type == "cuda"
