@@ -186,7 +186,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
                                              shuffle=False, num_workers=int(cfg.query.num_workers))
         module = InversionModule(classifier, manifold, prior_name, prior_hparams, options, dm.class_names)
         trainer = instantiate(cfg.trainer, inference_mode=False, logger=logger or False,
-                              callbacks=[CounterfactualWriter(out_dir),
+                              callbacks=[CounterfactualWriter(out_dir), tracking.CloseGlooAtExit(),
                                          QueryProgress(len(indices), already_done=len(indices) - len(todo))],
                               enable_checkpointing=False, default_root_dir=str(out_dir))
         trainer.predict(module, dataloaders=loader, return_predictions=False)

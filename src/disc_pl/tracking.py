@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -158,3 +159,28 @@ def log_job_outputs(logger: Any, metrics: Mapping[str, float], rows: Sequence[Ma
         logger.log_table(key="cf/results", columns=columns,
                          data=[[_cell(row.get(c)) for c in columns] for row in rows])
     logger.experiment.summary.update({k: _cell(v) for k, v in metrics.items()})
+
+
+class CloseGlooAtExit(pl.Callback):
+    """Destroy a gloo process group when its process exits.
+
+    Lightning registers this clean-up for NCCL only. A CPU (gloo) worker of ``ddp_spawn`` that
+    exits with its group alive can abort in gloo's threads ("terminate called without an active
+    exception", SIGABRT) after its work is done, which fails the whole launch."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import atexit
+
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo" \
+                and not getattr(CloseGlooAtExit, "_registered", False):
+            atexit.register(_destroy_process_group)
+            CloseGlooAtExit._registered = True
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

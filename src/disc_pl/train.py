@@ -77,7 +77,7 @@ def build_trainer(trainer_cfg: DictConfig, fit_cfg: DictConfig, out_dir: Path, l
         trainer_cfg,
         **to_plain(fit_cfg.get("trainer") or {}),
         logger=logger,
-        callbacks=[callback],
+        callbacks=[callback, tracking.CloseGlooAtExit()],
         enable_checkpointing=True,
         default_root_dir=str(out_dir),
     )
