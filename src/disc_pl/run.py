@@ -54,7 +54,7 @@ def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, str, dict]:
         recon_lr=recon.get("lr"), log_every=int(inv.log_every),
         localize_grid=int(cfg.localize.grid), lambda_area=float(cfg.localize.lambda_area),
         gate_lr=float(cfg.localize.lr), gate_init=float(cfg.localize.init),
-        gate_relax=float(cfg.localize.relax), gate_fallback=bool(cfg.localize.fallback))
+        gate_fallback=bool(cfg.localize.fallback))
     hparams = dict(OmegaConf.to_container(prior.get("hparams") or {}, resolve=True))  # generator hparams
     return options, str(prior.name), hparams
 
@@ -124,10 +124,6 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
     return chosen[: int(qcfg.count)], source, target
 
 
-def _truthy(value: Any) -> bool:
-    return value is True or str(value) == "True"
-
-
 def summarize(rows: list[dict]) -> dict[str, float]:
     """Aggregates of the results table: ``cf/<figure>`` mean and ``cf/<figure>_std``."""
     out: dict[str, float] = {"cf/queries": len(rows)}
@@ -137,9 +133,9 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     for status in ("flipped", "not_flipped", "diverged"):
         out[f"cf/n_{status}"] = sum(r["status"] == status for r in rows)
     # share of the flipped counterfactuals found by the gated (localized) search
-    flipped = [r for r in rows if r["flipped"] and str(r.get("localized")) in ("True", "False")]
+    flipped = [r for r in rows if r["flipped"] and isinstance(r.get("localized"), bool)]  # "" without the gate
     if flipped:
-        out["cf/localized_rate"] = sum(_truthy(r["localized"]) for r in flipped) / len(flipped)
+        out["cf/localized_rate"] = sum(r["localized"] for r in flipped) / len(flipped)
     for key in ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob",
                 "initial_prob", "steps", "seconds", "recon_psnr"):
         vals = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]

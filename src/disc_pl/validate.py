@@ -402,7 +402,6 @@ def _check_localize(ch: _Checks) -> None:
     ch.number("localize.lambda_area", 0)
     ch.number("localize.lr", 0, low_open=True)
     ch.number("localize.init")
-    ch.number("localize.relax", 0, 1, low_open=True)
     ch.boolean("localize.fallback")
 
 

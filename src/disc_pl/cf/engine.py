@@ -80,7 +80,6 @@ class InversionOptions:
     lambda_area: float = 50.0
     gate_lr: float = 0.1                    # Adam lr of the gate logits
     gate_init: float = -3.0                 # initial logit: sigmoid(-3) = 0.05 open
-    gate_relax: float = 1.0                 # lambda_area *= gate_relax per stage
     gate_fallback: bool = True              # queries the gated search cannot flip are redone ungated
     log_every: int = 10                     # call `on_log` every N steps (0 = never)
 
@@ -89,13 +88,13 @@ class InversionOptions:
                   "lambda_mc": self.lambda_mc >= 0, "lambda_fc": self.lambda_fc > 0,
                   "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1,
                   "localize_grid": self.localize_grid >= 0, "lambda_area": self.lambda_area >= 0,
-                  "gate_lr": self.gate_lr > 0, "gate_relax": 0 < self.gate_relax <= 1}
+                  "gate_lr": self.gate_lr > 0}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"inversion.{key}={getattr(self, key)!r} is out of range "
                                  "(lr, lambda_fc > 0; lambdas >= 0; 0 < relax <= 1; "
                                  "0 <= target_margin < 1; recon_steps >= 0; localize_grid >= 0; "
-                                 "lambda_area >= 0; gate_lr > 0; 0 < gate_relax <= 1)")
+                                 "lambda_area >= 0; gate_lr > 0)")
         if not self.stages:
             raise ValueError("inversion needs at least one stage (prior.stages)")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
@@ -193,7 +192,6 @@ def _invert(
     for k, stage in enumerate(opts.stages):
         gen.set_trainable(stage.groups)
         lam_sem = opts.lambda_sem * opts.relax ** k
-        lam_area = opts.lambda_area * opts.gate_relax ** k  # later stages may open the gate wider
         for it in range(stage.steps):
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -218,7 +216,7 @@ def _invert(
                                  if manifold is not None else torch.zeros_like(terms["functional"]))
             total = (lam_sem * terms["semantic"] + opts.lambda_mc * terms["manifold"]
                      + opts.lambda_fc * terms["functional"] + terms["prior"]
-                     + lam_area * terms["area"])
+                     + opts.lambda_area * terms["area"])
             terms["total"] = total
             finite = torch.isfinite(total)
             optim.zero_grad()
@@ -297,6 +295,8 @@ def generate_counterfactuals(
     does not flip is optimised again from scratch with the paper's objective (no gate, same
     seed); ``localized[i]`` says which search the returned image came from, and ``steps``
     counts both. A query is thus never left unflipped only because its evidence is not local.
+    The fallback rebuilds the generator, so it needs ``prior`` by name; with a ``Prior`` instance
+    the gated result is returned as it is.
     """
     opts = options or InversionOptions()
     t_start = time.perf_counter()
@@ -325,10 +325,9 @@ def generate_counterfactuals(
         getattr(out, name)[take] = getattr(again, name)[src]
     for t, v in out.losses.items():
         v[take] = again.losses[t][src]
+    for i, j in zip(take.tolist(), src.tolist()):
+        out.status[i] = again.status[j]
     out.localized[take] = False
     out.steps[rows] += again.steps
-    for j, i in enumerate(redo):
-        if better[j]:
-            out.status[i] = again.status[j]
     out.seconds = time.perf_counter() - t_start
     return out
