@@ -25,65 +25,10 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-    def __reduce__(self) -> str:  # pickles as the module-level singleton (sweep launchers pickle errors)
-        return self.name
-
-
-MISSING = _Sentinel("MISSING")  # a mandatory value (???) that was never set
-ABSENT = _Sentinel("ABSENT")    # a key that does not exist (nothing to check)
 SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Problem:
-    key: str        # dotted config key, e.g. "query.count"
-    value: Any      # the offending value (MISSING: ??? never set; ABSENT: no such key)
-    allowed: str    # what would be accepted, and how to fix it
-
-    def __str__(self) -> str:
-        return f"{self.key}={show(self.value)}: {self.allowed}"
-
-
-class ConfigError(ValueError):
-    """The config cannot work. ``problems`` lists each bad key, its value and what is allowed;
-    ``key`` / ``value`` / ``allowed`` are those of the first problem."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = list(problems)
-        first = self.problems[0]
-        self.key, self.value, self.allowed = first.key, first.value, first.allowed
-        if len(self.problems) == 1:
-            text = f"invalid config: {first}"
-        else:
-            text = f"invalid config ({len(self.problems)} problems):\n" + "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(text)
-
-    @classmethod
-    def one(cls, key: str, value: Any, allowed: str) -> "ConfigError":
-        return cls([Problem(key, value, allowed)])
-
-    def __reduce__(self):
-        return type(self), (self.problems,)
-
-
-# --------------------------------------------------------------------------- helpers
-def show(value: Any) -> str:
-    """A value as the user would write it on the command line (yaml spelling)."""
-    if value is MISSING:
-        return "???"
-    if value is ABSENT:
-        return "<absent>"
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    return repr(value)
 
 
 def _plain(value: Any) -> Any:

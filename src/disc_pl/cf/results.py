@@ -26,12 +26,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from disc_pl.errors import ResultsWriteError  # noqa: F401 (re-exported)
+
 PARTS = "parts"
-
-
-class ResultsWriteError(OSError):
-    """A results file could not be written (disk full, no permission, ...). The message names
-    the file and its directory; finished batches stay in ``parts/`` and a rerun resumes."""
 
 
 @contextmanager

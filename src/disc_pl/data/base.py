@@ -23,19 +23,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from disc_pl.errors import CorruptImageError, DatasetError, DatasetNotFoundError  # noqa: F401 (re-exported)
+
 SPLITS = ("train", "val", "test")
-
-
-class DatasetError(ValueError):
-    """The data on disk is not usable (empty class folder, unreadable image, malformed file)."""
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset root or an expected file is missing. The message says what was expected where."""
-
-
-class CorruptImageError(DatasetError):
-    """An image file cannot be decoded. The message names the file."""
 
 
 def missing_data_message(what: str, path: Path, layout: str, source: str, env: str | None = None) -> str:

@@ -38,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from disc_pl.utils import config_hash, to_plain
 
+from disc_pl.errors import UnsafeCheckpointError  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 # Trainer keys that do not change the trained weights.
@@ -61,10 +63,6 @@ TRAINER_PRESENTATION_KEYS = frozenset(
 )
 ARTIFACT_NAMES = ("model.ckpt", "posthoc_dep.pt")
 FILE_KEYS = ("path", "weights")  # model-yaml keys naming a user file (bring-your-own)
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint holds pickled objects other than tensors and plain values: not loaded."""
 
 
 def model_kind(model_cfg: DictConfig) -> str:
