@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from omegaconf import OmegaConf
-from test_models import ToyDataModule, one_thread  # noqa: F401  (tests/ is on sys.path; autouse)
+from conftest import FAST_TV, TEST_SEED, TOY_DATA, compose_cfg
+from test_models import ToyDataModule  # tests/ is on sys.path
 from torch import nn
 
 from disc_pl.models.byo import (
@@ -20,6 +21,8 @@ from disc_pl.models.byo import (
 )
 from disc_pl.models.cache import UnsafeCheckpointError
 from disc_pl.train import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread (conftest.py)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -59,7 +62,7 @@ class PlainNet(nn.Module):
 
 def _train_briefly(net, dm, steps=60):
     """Fit the user's model on the toy task, to a few % error, so per-image losses vary."""
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     data = dm.dataset("train")
     x = torch.stack([d["image"] for d in data])
     y = torch.stack([torch.as_tensor(d["label"]) for d in data])
@@ -94,7 +97,7 @@ def test_torchscript_classifier_gets_a_posthoc_dep_head(tmp_path, toy):
     logits, feats = wrapper.forward_features(x)
     assert len(feats) == 1 and torch.equal(feats[0], logits)  # logits are the only feature
 
-    figures = fit_posthoc_dep(wrapper, toy, split="val", epochs=60, holdout=0.4, seed=0)
+    figures = fit_posthoc_dep(wrapper, toy, split="val", epochs=60, holdout=0.4, seed=TEST_SEED)
     assert figures["dep/holdout_spearman"] > 0.2, figures
     assert wrapper.has_loss_predictor and torch.isfinite(wrapper.dep_target)
     assert wrapper.predict_loss(feats).shape == (8,)
@@ -120,7 +123,7 @@ def test_torchscript_exported_forward_features_are_the_taps(tmp_path, toy):
 
 
 def test_torchvision_state_dict_wrapper_taps_resnet_layers(tmp_path, toy):
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     user = torchvision.models.resnet18(num_classes=2).eval()
     torch.save(user.state_dict(), tmp_path / "weights.pt")
     cfg = OmegaConf.load(CONF / "model" / "byo.yaml")
@@ -187,11 +190,9 @@ def test_full_run_explains_a_bring_your_own_classifier(tmp_path):
     reported probabilities are the user's model's own on the saved counterfactuals."""
     import csv
 
-    from hardening_support import FAST_TV, TOY_DATA, compose_cfg
-
     from disc_pl import run as run_lib
 
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     user = torchvision.models.resnet18(num_classes=2).eval()
     torch.save(user.state_dict(), tmp_path / "weights.pt")
     overrides = [*TOY_DATA, *FAST_TV, "model@models.classifier=byo", "models.classifier.arch=resnet18",

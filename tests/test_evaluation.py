@@ -21,21 +21,15 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TEST_SEED, TOY_MODEL, compose_cfg
+
 from disc_pl import report as report_lib
 
 # Toy sizes: tiny data and classifier, a very short inversion (the CD test needs N images per
 # class, not good counterfactuals: its assertion is about the reference CDs).
-TOY = ["dataset.n_train=1200", "dataset.n_val=200", "dataset.n_test=300",
-       "models.classifier.width=8", "models.classifier.fit.trainer.max_epochs=3",
-       "models.classifier.lr=3e-3", "trainer.enable_progress_bar=false",
-       "prior.recon.max_steps=30", "prior.recon.psnr_target=28", "inversion.steps_per_stage=10",
-       "inversion.min_steps=2", "logger=none"]
+TOY = [*TOY_MODEL, "prior.recon.max_steps=30", "prior.recon.psnr_target=28", "inversion.steps_per_stage=10",
+       "inversion.min_steps=2"]
 TOY_INR = ["prior.hparams.hidden=64", "prior.hparams.depth=2", "prior.stages=[[out],[all]]"]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("model_cache")
 
 
 def run_cli(module: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -161,17 +155,13 @@ def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
 
 @pytest.mark.slow
 def test_run_explains_the_corrupted_queries_with_the_clean_selection(tmp_path, cache_dir):
-    from hydra import compose, initialize_config_dir
-
     from disc_pl import run as run_lib
     from disc_pl.data.corruptions import corrupt
     from disc_pl.data.synthetic import SyntheticFacesDataModule
 
     overrides = [*TOY, *TOY_INR, "query.count=2", "query.batch_size=2", f"cache_dir={cache_dir}"]
-    with initialize_config_dir(config_dir=run_lib.CONF_DIR, version_base="1.3"):
-        clean = compose("run", overrides=overrides)
-        blurred = compose("run", overrides=[*overrides, "query.corruption.name=gaussian_blur",
-                                            "query.corruption.severity=5"])
+    clean = compose_cfg(overrides)
+    blurred = compose_cfg([*overrides, "query.corruption.name=gaussian_blur", "query.corruption.severity=5"])
     run_lib.run(clean, out_dir=tmp_path / "clean")
     run_lib.run(blurred, out_dir=tmp_path / "blur")
     a = torch.load(tmp_path / "clean" / "counterfactuals.pt", weights_only=True)
@@ -182,4 +172,4 @@ def test_run_explains_the_corrupted_queries_with_the_clean_selection(tmp_path, c
     for i, qid in enumerate(b["query_id"].tolist()):
         image = dm.dataset("test")[qid]["image"]
         assert torch.equal(a["query"][i], image)
-        assert torch.equal(b["query"][i], corrupt(image, "gaussian_blur", 5, seed=qid))  # run seed 0
+        assert torch.equal(b["query"][i], corrupt(image, "gaussian_blur", 5, seed=TEST_SEED * 1_000_003 + qid))

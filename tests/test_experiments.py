@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg as compose_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -19,8 +19,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def compose_cfg(primary: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(primary, overrides=overrides, return_hydra_config=True)
+    return compose_overrides(overrides, primary, hydra_config=True)
 
 
 def test_the_paper_experiments_exist():

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import analytic
 import pytest
 import torch
-from torch import nn
+from analytic import PatchReader, SpreadReader
 
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
 from disc_pl.cf.gate import SpatialGate
@@ -31,28 +32,6 @@ def test_gate_mask_starts_at_init_and_blends_query_and_candidate():
         SpatialGate(1, 0, (8, 8))
 
 
-class PatchReader(nn.Module):
-    """Logit of class 1 = weighted sum of pixels: weight 1 on an 8x8 patch, 0.15 elsewhere.
-
-    The patch holds 6 % of the pixels but 31 % of the input-gradient mass, the situation of a
-    real classifier whose evidence is local while its gradient is not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        w = torch.full((1, 3, 32, 32), 0.15)
-        w[..., 20:28, 8:16] = 1.0
-        self.register_buffer("w", w / w.sum())
-        self.patch = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
-        self.patch[..., 20:28, 8:16] = True
-
-    def forward_features(self, x):
-        s = ((x - 0.5) * self.w).flatten(1).sum(1) * 400.0 - 2.0
-        return torch.stack([torch.zeros_like(s), s], 1), [x]
-
-    def forward(self, x):
-        return self.forward_features(x)[0]
-
-
 def _in_patch(model, x, x_cf) -> torch.Tensor:
     change = (x_cf - x).abs().sum(1, keepdim=True)
     return (change * model.patch).flatten(1).sum(1) / change.flatten(1).sum(1)
@@ -60,8 +39,7 @@ def _in_patch(model, x, x_cf) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def patch_queries():
-    g = torch.Generator().manual_seed(0)
-    return 0.5 + 0.05 * torch.randn(4, 3, 32, 32, generator=g), torch.ones(4, dtype=torch.long)
+    return analytic.patch_queries(4)
 
 
 def _opts(grid: int) -> InversionOptions:
@@ -84,17 +62,6 @@ def test_gate_moves_the_change_onto_the_evidence(patch_queries):
     assert (free.losses["area"] == 0).all() and free.localized is None and gated.localized.all()
 
 
-def test_gated_batch_matches_one_at_a_time(patch_queries):
-    model = PatchReader()
-    x, t = patch_queries
-    opts = _opts(8)
-    together = generate_counterfactuals(model, x[:3], t[:3], prior="tv", options=opts, seeds=[5, 6, 7])
-    for i in range(3):
-        alone = generate_counterfactuals(model, x[i:i + 1], t[i:i + 1], prior="tv", options=opts, seeds=[5 + i])
-        assert alone.status[0] == together.status[i] and int(alone.steps[0]) == int(together.steps[i])
-        torch.testing.assert_close(alone.images[0], together.images[i], atol=1e-5, rtol=0)
-
-
 def test_gate_localizes_inr_dep_counterfactuals_on_the_mouth(faces, toy_classifier, toy_queries):
     """On the synthetic faces (true masks) the gate raises the share of the change on the mouth."""
     images, targets, idx = toy_queries
@@ -112,14 +79,6 @@ def test_gate_localizes_inr_dep_counterfactuals_on_the_mouth(faces, toy_classifi
         assert sum(s == "flipped" for s in out.status) >= 5, out.status
         results[grid] = float(M.in_mask_fraction(images, out.images, mask).nanmean())
     assert results[8] > 0.5 and results[8] > results[0] + 0.25, results
-
-
-class SpreadReader(PatchReader):
-    """Evidence spread evenly over the image: no small region can flip it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w.fill_(1.0 / self.w.numel())
 
 
 def test_query_the_gate_cannot_flip_falls_back_to_the_paper_objective(patch_queries):

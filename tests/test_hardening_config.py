@@ -13,8 +13,10 @@ from omegaconf import OmegaConf
 from disc_pl import run as run_lib
 from disc_pl.validate import ConfigError
 
-from hardening_support import TOY_MODEL, compose_cfg, entries, subprocess_env
-from hardening_support import one_thread  # noqa: F401  (autouse: toy models on one thread)
+from conftest import TOY_MODEL, compose_cfg
+from hardening_support import entries, subprocess_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models on one thread
 
 
 def run_fails(tmp_path, overrides: list[str]) -> ConfigError:

@@ -13,8 +13,10 @@ from disc_pl.data import CorruptImageError, DatasetError, DatasetNotFoundError
 from disc_pl.validate import ConfigError, validate_run_config
 
 from fixtures_data import make_folder, write_garbage, write_truncated
-from hardening_support import compose_cfg, entries, subprocess_env
-from hardening_support import one_thread  # noqa: F401  (autouse: toy models on one thread)
+from conftest import compose_cfg
+from hardening_support import entries, subprocess_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models on one thread
 
 FOLDER = ["dataset=folder", "dataset.image_size=8", "dataset.num_workers=0", "dataset.batch_size=4",
           "models.classifier.width=8", "models.classifier.fit.trainer.max_epochs=1",

@@ -15,8 +15,10 @@ from disc_pl.models.cache import UnsafeCheckpointError, model_key, model_kind
 from disc_pl.models.classifier import ClassifierModule
 from disc_pl.validate import ConfigError
 
-from hardening_support import FAST_TV, TOY_DATA, TOY_MODEL, compose_cfg, entries
-from hardening_support import one_thread  # noqa: F401  (autouse: toy models on one thread)
+from conftest import FAST_TV, TOY_DATA, TOY_MODEL, compose_cfg
+from hardening_support import entries
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models on one thread
 
 BYO = ["model@models.classifier=byo", "models.classifier.arch=resnet18"]
 

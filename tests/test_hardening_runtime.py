@@ -26,15 +26,16 @@ from disc_pl.cf.module import query_seed
 from disc_pl.cf.results import ResultsWriteError
 from disc_pl.models.cache import ensure_model, load_classifier
 
-from hardening_support import (FAST_TV, TOY_MODEL, compose_cfg, entries, load_part, read_rows, subprocess_env,
-                                without_timing)
-from hardening_support import one_thread  # noqa: F401  (autouse: toy models on one thread)
+from conftest import FAST_TV, TEST_SEED, TOY_MODEL, compose_cfg
+from hardening_support import entries, load_part, read_rows, subprocess_env, without_timing
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models on one thread
 
 
 @pytest.fixture(scope="module")
-def toy_cfg(cache_dir):
+def toy_cfg(toy_overrides):
     """Overrides of a cheap run whose classifier is trained (once) into the shared cache."""
-    overrides = [*TOY_MODEL, *FAST_TV, f"cache_dir={cache_dir}"]
+    overrides = list(toy_overrides)
     cfg = compose_cfg(overrides)
     path = ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir)
     return overrides, path
@@ -118,7 +119,7 @@ def test_out_of_memory_splits_the_batch_and_gives_the_unsplit_results(tmp_path, 
     split = run_into(tmp_path / "split", overrides, "query.batch_size=4")
     assert attempts == [4, 2, 2, 2]  # the batch of 4 failed once and ran as 2 + 2
     ids = [int(r["query_id"]) for r in read_rows(tmp_path / "split")]
-    assert len(ids) == 6 and sorted(done_seeds) == sorted(query_seed(0, q) for q in ids)  # each once
+    assert len(ids) == 6 and sorted(done_seeds) == sorted(query_seed(TEST_SEED, q) for q in ids)  # each once
     assert without_timing(read_rows(tmp_path / "split")) == without_timing(read_rows(tmp_path / "unsplit"))
     a = torch.load(tmp_path / "split" / "counterfactuals.pt", weights_only=True)
     b = torch.load(tmp_path / "unsplit" / "counterfactuals.pt", weights_only=True)
@@ -182,13 +183,15 @@ def test_sigterm_and_sigkill_during_generation_lose_nothing(tmp_path, toy_cfg):
         wait_for_parts(out, 1, proc)
         first = part_files(out)[0]
         first_rows, first_digest = load_part(first)["rows"], digest(first)
+        seen = len(part_ids(out))  # parts on disk when the signal is sent (a state, not a time)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
     text = log_file.read_text()
     assert proc.returncode == 143, text[-2000:]  # 128 + SIGTERM: not mistaken for a success
     assert "SIGTERM received: stopping after" in text and f"rerun into {out} to resume" in text
     after_term = part_ids(out)
-    assert 1 <= len(after_term) <= 3 and len(set(after_term)) == len(after_term)
+    # the batch in flight (at most one per process) was finished, then the run stopped early
+    assert seen <= len(after_term) < 6 and len(set(after_term)) == len(after_term)
 
     with running(cmd, subprocess.DEVNULL) as proc:
         wait_for_parts(out, len(after_term) + 1, proc)

@@ -13,16 +13,10 @@ from disc_pl.data.base import ImageDataModule
 from disc_pl.models.cache import UnsafeCheckpointError, load_classifier, load_duq
 from disc_pl.models.classifier import ClassifierModule, dep_ranking_loss
 from disc_pl.models.duq import DUQModule, corrupt, gradient_penalty, kernel_bce
+from conftest import TEST_SEED
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on one thread: as fast as two on an idle machine, far faster on a busy one
-    (the OpenMP threads of a tiny convolution spin waiting on each other)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread (conftest.py)
 
 
 def test_ranking_loss_on_hand_made_values():
@@ -134,7 +128,7 @@ def _data_args(dm):
 
 @pytest.mark.slow
 def test_tiny_classifier_learns_and_round_trips_without_hydra(tmp_path):
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(TEST_SEED, verbose=False)
     dm = _tiny_data()
     model = ClassifierModule(**_data_args(dm), width=4, mean=[0.5] * 3, std=[0.25] * 3, lr=1e-2)
     trainer = _trainer(tmp_path, epochs=4)
@@ -161,7 +155,7 @@ def test_tiny_classifier_learns_and_round_trips_without_hydra(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_duq_learns_and_reports_the_ood_auroc_of_its_certainty(tmp_path):
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(TEST_SEED, verbose=False)
     dm = _tiny_data()
     model = DUQModule(**_data_args(dm), width=4, mean=[0.5] * 3, std=[0.25] * 3, embedding_size=16,
                       gamma=0.99, lr=1e-2, gp_warmup_epochs=1)

@@ -19,14 +19,9 @@ TINY = {
 FIT = {"tv": (1, None), "dip": (150, 0.02), "inr": (60, 2e-3)}  # (steps, lr) to reach 30 dB
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny kernels on a shared, oversubscribed CPU: intra-op threads only add sync waits
-    # (measured: ~250x slower per DIP step with 2 threads under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny kernels on a shared, oversubscribed CPU: intra-op threads only add sync waits
+# (measured: ~250x slower per DIP step with 2 threads under load).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def structured(n: int, channels: int = 3, size: int = 16) -> torch.Tensor:

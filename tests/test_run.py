@@ -8,25 +8,12 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import TOY_INR, TOY_MODEL, compose_cfg
 
 from disc_pl import run as run_lib
 
-# Toy sizes: tiny data and models, a short schedule. The cache dir is shared by the session.
-TOY = ["dataset.n_train=1200", "dataset.n_val=200", "dataset.n_test=300",
-       "models.classifier.width=8", "models.classifier.fit.trainer.max_epochs=3",
-       "models.classifier.lr=3e-3", "trainer.enable_progress_bar=false",
-       "prior.hparams.hidden=64", "prior.hparams.depth=2", "prior.stages=[[out],[hidden1,out],[all]]",
-       "prior.recon.max_steps=100", "prior.recon.psnr_target=28",
-       "inversion.steps_per_stage=50", "query.count=6", "query.batch_size=3", "logger=none"]
-
-
-# cache_dir: the session-wide model cache of conftest.py (shared with test_hardening_*.py).
-
-
-def compose_run(overrides: list[str]):
-    with initialize_config_dir(config_dir=run_lib.CONF_DIR, version_base="1.3"):
-        return compose("run", overrides=overrides)
+# Toy sizes (conftest.py): tiny data and models, a short INR schedule; the session's model cache.
+TOY = [*TOY_MODEL, *TOY_INR, "query.count=6", "query.batch_size=3"]
 
 
 @pytest.mark.slow
@@ -52,7 +39,7 @@ def test_cli_writes_results(tmp_path, cache_dir):
 def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, cache_dir, monkeypatch):
     from disc_pl.cf import module as module_lib
 
-    cfg = compose_run([*TOY, f"cache_dir={cache_dir}"])
+    cfg = compose_cfg([*TOY, f"cache_dir={cache_dir}"])
     real = module_lib.generate_counterfactuals
     calls = []
 

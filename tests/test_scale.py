@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 
 from disc_pl import run as run_lib
@@ -23,30 +23,7 @@ from disc_pl.tracking import available_cores
 from test_run import TOY
 
 # TOY (tests/test_run.py) with a shorter schedule: 4 queries, 2 per batch.
-SMALL = [o for o in TOY if not o.startswith("logger=")] + [
-    "logger=none", "query.count=4", "query.batch_size=2", "inversion.steps_per_stage=10", "prior.recon.max_steps=20"]
-
-
-@pytest.fixture(scope="session")
-def toy_cache(tmp_path_factory) -> Path:
-    """Model cache shared by test_scale and test_wandb (the toy classifier is trained once)."""
-    path = tmp_path_factory.getbasetemp() / "toy_model_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture
-def one_thread():
-    # Same thread count as each DDP rank below, and no oversubscription on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_run(overrides: list[str], hydra_config: bool = False):
-    with initialize_config_dir(config_dir=run_lib.CONF_DIR, version_base="1.3"):
-        return compose("run", overrides=overrides, return_hydra_config=hydra_config)
+SMALL = [*TOY, "query.count=4", "query.batch_size=2", "inversion.steps_per_stage=10", "prior.recon.max_steps=20"]
 
 
 def read_results(out: Path) -> tuple[list[dict], dict]:
@@ -55,9 +32,10 @@ def read_results(out: Path) -> tuple[list[dict], dict]:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_generation_equals_one_process(tmp_path, toy_cache, one_thread):
-    single = compose_run([*SMALL, f"cache_dir={toy_cache}"])
-    ddp = compose_run([*SMALL, f"cache_dir={toy_cache}", "trainer.strategy=ddp_spawn", "trainer.devices=2"])
+def test_two_process_ddp_generation_equals_one_process(tmp_path, cache_dir, one_thread, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each spawned rank: one thread, as this process
+    single = compose_cfg([*SMALL, f"cache_dir={cache_dir}"])
+    ddp = compose_cfg([*SMALL, f"cache_dir={cache_dir}", "trainer.strategy=ddp_spawn", "trainer.devices=2"])
     m1 = run_lib.run(single, tmp_path / "one")
     m2 = run_lib.run(ddp, tmp_path / "two")  # spawns 2 gloo ranks; this process merges
 
@@ -78,14 +56,13 @@ def test_two_process_ddp_generation_equals_one_process(tmp_path, toy_cache, one_
     assert m2["cf/queries"] == m1["cf/queries"] == 4 and m2["cf/flip_rate"] == m1["cf/flip_rate"]
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["cf/queries"] == 4
     # The DDP run reused the classifier trained by the single-process run.
-    assert len(list(toy_cache.glob("classifier-*"))) == 1
+    assert len(list(cache_dir.glob("classifier-*"))) == 1
 
 
 def test_model_cache_key_ignores_placement_not_precision():
     data = SimpleNamespace(fingerprint=lambda: {"name": "toy"}, batch_size=64)
     model = OmegaConf.create({"name": "classifier", "width": 8})
-    with initialize_config_dir(config_dir=run_lib.CONF_DIR, version_base="1.3"):
-        trainers = {t: compose("run", overrides=[f"trainer={t}"]).trainer for t in ("cpu", "gpu", "ddp")}
+    trainers = {t: compose_cfg([f"trainer={t}"]).trainer for t in ("cpu", "gpu", "ddp")}
     keys = {model_key(model, data, trainers[t], 0) for t in trainers}
     assert len(keys) == 1  # a model trained on one CPU is reused by a DDP / GPU generation run
     bf16 = OmegaConf.merge(trainers["cpu"], {"precision": "bf16-mixed"})
@@ -93,7 +70,7 @@ def test_model_cache_key_ignores_placement_not_precision():
 
 
 def test_slurm_launcher_config_composes_without_submitting():
-    cfg = compose_run(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp",
+    cfg = compose_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp",
                        "trainer.devices=4", "trainer.num_nodes=2"], hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
@@ -104,7 +81,7 @@ def test_slurm_launcher_config_composes_without_submitting():
 
 
 def test_local_launcher_config_is_joblib_with_two_jobs():
-    cfg = compose_run(["hydra/launcher=local"], hydra_config=True)
+    cfg = compose_cfg(["hydra/launcher=local"], hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("joblib_launcher.JoblibLauncher")
     assert cfg.hydra.launcher.n_jobs == 2 and cfg.hydra.launcher.backend == "loky"
 

@@ -8,12 +8,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_models import ToyDataModule, one_thread  # noqa: F401  (tests/ is on sys.path; autouse)
+from conftest import TEST_SEED
+from test_models import ToyDataModule  # tests/ is on sys.path
 
 import disc_pl.train as train_lib
 from disc_pl.models import cache
 from disc_pl.models.cache import ensure_model, file_lock, load_classifier, model_key
 from disc_pl.utils import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread (conftest.py)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TOY_DATASET = OmegaConf.create({"_target_": "test_models.ToyDataModule"})
@@ -56,7 +59,7 @@ def test_csv_logger_config_instantiates(tmp_path):
 
 @pytest.mark.slow
 def test_train_model_writes_checkpoint_metrics_and_config(tmp_path):
-    metrics = train_lib.train_model(_toy_model_cfg(), TOY_DATASET, CPU, 0, tmp_path, datamodule=ToyDataModule())
+    metrics = train_lib.train_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=ToyDataModule())
     assert {"test/acc", "test/dep_spearman", "train/seconds", "best/val/acc"} <= set(metrics)
     assert metrics["test/acc"] > 0.7, metrics
     assert read_metrics(tmp_path / "metrics.json")["test/acc"] == pytest.approx(metrics["test/acc"])
@@ -89,16 +92,16 @@ def test_cache_reuses_and_retrains_on_a_relevant_change(tmp_path, monkeypatch):
     monkeypatch.setattr(train_lib, "train_model", counter)
     dm = ToyDataModule()
 
-    first = ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, 0, tmp_path, datamodule=dm)
+    first = ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=dm)
     assert counter.calls == 1 and first.name == "model.ckpt" and first.parent.name.startswith("classifier-")
     assert {p.name for p in first.parent.iterdir()} >= {"model.ckpt", "metrics.json", "config.yaml"}
     mtime = first.stat().st_mtime_ns
 
     quiet = OmegaConf.merge(CPU, {"enable_progress_bar": True, "log_every_n_steps": 3})
-    again = ensure_model(_toy_model_cfg(), TOY_DATASET, quiet, 0, tmp_path, datamodule=dm)
+    again = ensure_model(_toy_model_cfg(), TOY_DATASET, quiet, TEST_SEED, tmp_path, datamodule=dm)
     assert again == first and counter.calls == 1 and again.stat().st_mtime_ns == mtime
 
-    changed = ensure_model(_toy_model_cfg(lr=5e-3), TOY_DATASET, CPU, 0, tmp_path, datamodule=dm)
+    changed = ensure_model(_toy_model_cfg(lr=5e-3), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=dm)
     assert changed != first and counter.calls == 2
     assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob("*.lock"))
 
@@ -120,14 +123,14 @@ def test_killed_training_leaves_no_entry_and_the_next_call_trains(tmp_path, monk
 
     monkeypatch.setattr(train_lib, "train_model", crash)
     with pytest.raises(KeyboardInterrupt):
-        ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, 0, tmp_path, datamodule=ToyDataModule())
+        ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=ToyDataModule())
     assert list(tmp_path.iterdir()) == []  # no entry, no temp folder, no lock
 
     def fake_train(model_cfg, dataset_cfg, trainer_cfg, seed, out_dir, *args):
         (Path(out_dir) / "model.ckpt").write_bytes(b"complete")
 
     monkeypatch.setattr(train_lib, "train_model", fake_train)
-    path = ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, 0, tmp_path, datamodule=ToyDataModule())
+    path = ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=ToyDataModule())
     assert path.read_bytes() == b"complete"
 
 
@@ -161,7 +164,7 @@ def test_lock_waits_for_a_live_holder_and_breaks_a_dead_one(tmp_path):
 @pytest.mark.slow
 def test_ddp_spawn_two_cpu_processes_train_and_checkpoint(tmp_path):
     ddp = OmegaConf.merge(CPU, {"devices": 2, "strategy": "ddp_spawn"})
-    path = ensure_model(_toy_model_cfg(), TOY_DATASET, ddp, 0, tmp_path, datamodule=ToyDataModule())
+    path = ensure_model(_toy_model_cfg(), TOY_DATASET, ddp, TEST_SEED, tmp_path, datamodule=ToyDataModule())
     model = load_classifier(path)
     metrics = read_metrics(path.parent / "metrics.json")
     assert metrics["test/acc"] > 0.6 and torch.isfinite(model.dep_target)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -19,19 +19,6 @@ from test_run import TOY
 SMALL = [o for o in TOY if not o.startswith("logger=")] + [
     "query.count=4", "query.batch_size=2", "inversion.steps_per_stage=10", "prior.recon.max_steps=20",
     "inversion.log_every=5"]
-
-
-@pytest.fixture(scope="session")
-def toy_cache(tmp_path_factory) -> Path:
-    """Model cache shared by test_scale and test_wandb (the toy classifier is trained once)."""
-    path = tmp_path_factory.getbasetemp() / "toy_model_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def compose_cfg(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=run_lib.CONF_DIR, version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 def offline_records(path: Path):
@@ -78,11 +65,11 @@ def read_offline_run(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_offline_run_holds_metrics_losses_table_and_grid(tmp_path, toy_cache, monkeypatch):
+def test_offline_run_holds_metrics_losses_table_and_grid(tmp_path, cache_dir, monkeypatch):
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose_cfg("run", [*SMALL, "logger=wandb", f"cache_dir={toy_cache}"])
+    cfg = compose_cfg([*SMALL, "logger=wandb", f"cache_dir={cache_dir}"])
     out = tmp_path / "job"
     with tracking.tracked_job(cfg):
         metrics = run_lib.run(cfg, out)
@@ -125,7 +112,7 @@ def test_wandb_is_the_default_logger_and_follows_the_job(tmp_path, monkeypatch):
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    run_cfg = compose_cfg("run", ["prior=dip", "manifold=duq", "space=iso", "experiment_name=table1"])
+    run_cfg = compose_cfg(["prior=dip", "manifold=duq", "space=iso", "experiment_name=table1"])
     logger = tracking.build_logger(run_cfg.logger, tmp_path / "a", default_group="synthetic_faces")
     assert isinstance(logger, WandbLogger)  # created lazily: no wandb.init until something is logged
     init = logger._wandb_init
@@ -133,12 +120,12 @@ def test_wandb_is_the_default_logger_and_follows_the_job(tmp_path, monkeypatch):
     assert init["group"] == "table1" and init["project"] == "disc_pl"
     assert init["tags"] == ["dataset=synthetic_faces", "prior=dip", "manifold=duq", "space=iso"]
 
-    train_cfg = compose_cfg("train", [])
+    train_cfg = compose_cfg([], "train")
     logger = train_lib.build_logger(train_cfg.logger, tmp_path / "b", default_group="synthetic_faces")
     assert logger._wandb_init["tags"] == ["dataset=synthetic_faces", "model=classifier"]  # no empty prior=
     assert logger._wandb_init["group"] == "synthetic_faces"
 
     monkeypatch.delenv("WANDB_MODE")
-    assert compose_cfg("run", []).logger.mode == "offline"  # never online unless asked
-    assert isinstance(tracking.build_logger(compose_cfg("run", ["logger=csv"]).logger, tmp_path), CSVLogger)
-    assert tracking.build_logger(compose_cfg("run", ["logger=none"]).logger, tmp_path) is None
+    assert compose_cfg([]).logger.mode == "offline"  # never online unless asked
+    assert isinstance(tracking.build_logger(compose_cfg(["logger=csv"]).logger, tmp_path), CSVLogger)
+    assert tracking.build_logger(compose_cfg(["logger=none"]).logger, tmp_path) is None

@@ -123,7 +123,8 @@ class CounterfactualBatch:
 
 
 def _probs(logits: Tensor) -> Tensor:
-    return torch.softmax(logits.float(), dim=1)
+    # at least float32 (half-precision logits), float64 logits stay float64
+    return torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
 def is_flipped(logits: Tensor, target: Tensor, margin: float) -> Tensor:

@@ -24,8 +24,8 @@ def _rows(t: Tensor, idx: Tensor | None) -> Tensor:
 
 def pixel_grid(height: int, width: int) -> Tensor:
     """[H*W, 2] coordinates (row, column) / size in [0, 1)^2, row-major pixel order."""
-    ys = torch.arange(height, dtype=torch.float32) / height
-    xs = torch.arange(width, dtype=torch.float32) / width
+    ys = torch.arange(height) / height  # the default dtype (float32 unless a caller chose float64)
+    xs = torch.arange(width) / width
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
