@@ -20,7 +20,7 @@ from disc_pl.models.byo import (
     save_posthoc_dep,
 )
 from disc_pl.models.cache import UnsafeCheckpointError
-from disc_pl.train import build_model
+from disc_pl.models.fit import build_model, train_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread (conftest.py)
 
@@ -167,16 +167,16 @@ def test_posthoc_dep_head_through_the_model_cache(tmp_path, toy):
     cfg.posthoc_dep.epochs = 20
     dataset_cfg = OmegaConf.create({"_target_": "test_models.ToyDataModule"})
     with pytest.warns(UserWarning):
-        head = ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", datamodule=toy)
+        head = ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", train_fn=train_model, datamodule=toy)
     assert head.name == "posthoc_dep.pt" and head.parent.name.startswith("byo-")
     assert "dep/holdout_spearman" in read_metrics(head.parent / "metrics.json")
     mtime = head.stat().st_mtime_ns
-    assert ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", datamodule=toy) == head
+    assert ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", train_fn=train_model, datamodule=toy) == head
     assert head.stat().st_mtime_ns == mtime
     # the same path with other weights in it is another model
     torch.jit.script(_train_briefly(PlainNet(), toy, steps=5)).save(str(user))
     with pytest.warns(UserWarning):
-        other = ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", datamodule=toy)
+        other = ensure_model(cfg, dataset_cfg, None, 0, tmp_path / "cache", train_fn=train_model, datamodule=toy)
     assert other != head
     # and the config route loads the wrapper with its head
     with pytest.warns(UserWarning):

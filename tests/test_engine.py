@@ -3,6 +3,7 @@ divergence isolation, a pinned reference loop), and a flip of a trained toy clas
 from __future__ import annotations
 
 import math
+import time
 
 import analytic
 import pytest
@@ -12,6 +13,7 @@ from analytic import PatchReader
 
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals, is_flipped
 from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
+from disc_pl.cf.objective import Term, default_objective
 from disc_pl.cf.priors import TVPrior
 
 SMALL_INR = dict(n_frequencies=64, sigma=3.0, first_omega0=3.0, hidden=64, depth=2)
@@ -182,3 +184,45 @@ def test_bad_options_fail_early():
     with pytest.raises(ValueError, match="steps"):
         InversionOptions(stages=[Stage(["all"], steps=0)])
 
+
+
+class L1Term(Term):
+    """A new term is a small class: mean |x' - x| (an L1 trial)."""
+
+    name = "l1"
+
+    def __call__(self, step, state):
+        return (step.x - step.query).abs().flatten(1).mean(1)
+
+
+def test_objective_is_a_list_of_named_terms_the_engine_sums_and_logs():
+    model = PatchReader()
+    x, t = analytic.patch_queries(2)
+    opts = _analytic_opts("tv", False, stages=[Stage(["pixels"], 40, 3)], log_every=1)
+    logged: list[dict] = []
+    paper = generate_counterfactuals(model, x, t, prior="tv", options=opts)
+    explicit = generate_counterfactuals(model, x, t, prior="tv", options=opts,
+                                        objective=default_objective(opts), on_log=logged.append)
+    assert torch.equal(paper.images, explicit.images)  # the default objective is the options'
+    assert {"cf/loss_semantic", "cf/loss_functional", "cf/loss_area", "cf/loss_total"} <= set(logged[0])
+    terms = [*default_objective(opts), L1Term(weight=5.0)]
+    l1 = generate_counterfactuals(model, x, t, prior="tv", options=opts, objective=terms, on_log=logged.append)
+    assert "cf/loss_l1" in logged[-1] and set(l1.losses) == {*(t.name for t in terms), "total"}
+    # the kept iterate's total is the weighted sum of its terms
+    weighted = sum(term.weight * l1.losses[term.name] for term in terms)
+    torch.testing.assert_close(l1.losses["total"], weighted)
+    assert not torch.equal(l1.images, paper.images)
+    with pytest.raises(ValueError, match="unique names"):
+        generate_counterfactuals(model, x, t, prior="tv", options=opts, objective=[L1Term(), L1Term()])
+
+
+def test_seconds_are_per_query_and_add_up_to_the_batch():
+    model = PatchReader()
+    x, t = analytic.patch_queries(3)
+    x[1] = 0.5  # a grey query: flips later than the others (more steps, more time)
+    start = time.perf_counter()
+    out = generate_counterfactuals(model, x, t, prior="tv", options=_analytic_opts("tv", False))
+    wall = time.perf_counter() - start
+    assert out.seconds.shape == (3,) and (out.seconds > 0).all()
+    assert float(out.seconds.sum()) <= wall
+    assert float(out.seconds.sum()) >= 0.5 * wall

@@ -25,6 +25,7 @@ from disc_pl.cf import results as results_lib
 from disc_pl.cf.module import query_seed
 from disc_pl.cf.results import ResultsWriteError
 from disc_pl.models.cache import ensure_model, load_classifier
+from disc_pl.models.fit import train_model
 
 from conftest import FAST_TV, TEST_SEED, TOY_MODEL, compose_cfg
 from hardening_support import entries, load_part, read_rows, subprocess_env, without_timing
@@ -37,7 +38,8 @@ def toy_cfg(toy_overrides):
     """Overrides of a cheap run whose classifier is trained (once) into the shared cache."""
     overrides = list(toy_overrides)
     cfg = compose_cfg(overrides)
-    path = ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir)
+    path = ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir,
+                        train_fn=train_model)
     return overrides, path
 
 

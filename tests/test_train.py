@@ -89,19 +89,18 @@ class _CountingTrain:
 @pytest.mark.slow
 def test_cache_reuses_and_retrains_on_a_relevant_change(tmp_path, monkeypatch):
     counter = _CountingTrain(train_lib.train_model)
-    monkeypatch.setattr(train_lib, "train_model", counter)
     dm = ToyDataModule()
 
-    first = ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=dm)
+    first = ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, train_fn=counter, datamodule=dm)
     assert counter.calls == 1 and first.name == "model.ckpt" and first.parent.name.startswith("classifier-")
     assert {p.name for p in first.parent.iterdir()} >= {"model.ckpt", "metrics.json", "config.yaml"}
     mtime = first.stat().st_mtime_ns
 
     quiet = OmegaConf.merge(CPU, {"enable_progress_bar": True, "log_every_n_steps": 3})
-    again = ensure_model(_toy_model_cfg(), TOY_DATASET, quiet, TEST_SEED, tmp_path, datamodule=dm)
+    again = ensure_model(_toy_model_cfg(), TOY_DATASET, quiet, TEST_SEED, tmp_path, train_fn=counter, datamodule=dm)
     assert again == first and counter.calls == 1 and again.stat().st_mtime_ns == mtime
 
-    changed = ensure_model(_toy_model_cfg(lr=5e-3), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=dm)
+    changed = ensure_model(_toy_model_cfg(lr=5e-3), TOY_DATASET, CPU, TEST_SEED, tmp_path, train_fn=counter, datamodule=dm)
     assert changed != first and counter.calls == 2
     assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob("*.lock"))
 
@@ -121,16 +120,15 @@ def test_killed_training_leaves_no_entry_and_the_next_call_trains(tmp_path, monk
         (Path(out_dir) / "model.ckpt").write_bytes(b"half a checkpoint")
         raise KeyboardInterrupt  # as if the job were killed mid-training
 
-    monkeypatch.setattr(train_lib, "train_model", crash)
     with pytest.raises(KeyboardInterrupt):
-        ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=ToyDataModule())
+        ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, train_fn=crash, datamodule=ToyDataModule())
     assert list(tmp_path.iterdir()) == []  # no entry, no temp folder, no lock
 
     def fake_train(model_cfg, dataset_cfg, trainer_cfg, seed, out_dir, *args):
         (Path(out_dir) / "model.ckpt").write_bytes(b"complete")
 
-    monkeypatch.setattr(train_lib, "train_model", fake_train)
-    path = ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, datamodule=ToyDataModule())
+    path = ensure_model(_toy_model_cfg(), TOY_DATASET, CPU, TEST_SEED, tmp_path, train_fn=fake_train,
+                        datamodule=ToyDataModule())
     assert path.read_bytes() == b"complete"
 
 
@@ -164,7 +162,8 @@ def test_lock_waits_for_a_live_holder_and_breaks_a_dead_one(tmp_path):
 @pytest.mark.slow
 def test_ddp_spawn_two_cpu_processes_train_and_checkpoint(tmp_path):
     ddp = OmegaConf.merge(CPU, {"devices": 2, "strategy": "ddp_spawn"})
-    path = ensure_model(_toy_model_cfg(), TOY_DATASET, ddp, TEST_SEED, tmp_path, datamodule=ToyDataModule())
+    path = ensure_model(_toy_model_cfg(), TOY_DATASET, ddp, TEST_SEED, tmp_path, train_fn=train_lib.train_model,
+                        datamodule=ToyDataModule())
     model = load_classifier(path)
     metrics = read_metrics(path.parent / "metrics.json")
     assert metrics["test/acc"] > 0.6 and torch.isfinite(model.dep_target)

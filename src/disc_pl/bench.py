@@ -43,7 +43,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
 from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
 from disc_pl.cf.priors import build_prior
-from disc_pl.run import CONF_DIR, inversion_options
+from disc_pl.job import inversion_options
+from disc_pl.models.fit import build_model
+from disc_pl.models.loading import load_classifier
+from disc_pl.utils import CONF_DIR
 
 PRIORS = ("tv", "dip", "inr")
 TARGETS = {"batched_over_sequential": 2.0, "flops_fraction_of_matmul": 0.4}  # the CPU targets
@@ -139,9 +142,6 @@ class Bench:
         self.targets = torch.ones(n, dtype=torch.long, device=device)
 
     def _classifier(self, cfg, checkpoint: str | None):
-        from disc_pl.models.cache import load_classifier
-        from disc_pl.train import build_model
-
         if checkpoint:
             model = load_classifier(checkpoint)
             desc = f"trained classifier {checkpoint}"

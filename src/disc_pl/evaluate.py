@@ -33,10 +33,11 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from disc_pl import run as run_lib
+from disc_pl import job as run_lib  # the generation job (library), run.run's body
 from disc_pl import tracking
 from disc_pl.cf.results import write_json
 from disc_pl.metrics.discrepancy import TrainFn, classifier_discrepancy
+from disc_pl.utils import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=run_lib.CONF_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     with tracking.tracked_job(cfg):  # thread limit, sweep job index, wandb.finish() even on errors
         metrics = evaluate(cfg)

@@ -75,7 +75,9 @@ def finish_wandb(exit_code: int = 0) -> None:
 
 @contextmanager
 def tracked_job(cfg: DictConfig) -> Iterator[None]:
-    """Wrap one job: thread limit, sweep index in the log, ``wandb.finish()`` whatever happens."""
+    """Wrap one job: thread limit, numeric precision (TF32 on GPUs, set once here for the whole
+    job, cache-warm or not), sweep index in the log, ``wandb.finish()`` whatever happens."""
+    configure_matmul_precision()
     threads, previous = job_threads(cfg), torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -15,6 +15,12 @@ import pytorch_lightning as pl
 import torch
 
 
+# The Hydra configs: conf/ at the top of the repository (editable install, a checkout), or
+# disc_pl/conf inside an installed wheel (pyproject maps conf/ there as package data).
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+
+
 def seed_everything(seed: int) -> int:
     """Seed python, numpy and torch (and dataloader workers) for a reproducible run."""
     return pl.seed_everything(int(seed), workers=True, verbose=False)

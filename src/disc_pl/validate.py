@@ -25,9 +25,12 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from disc_pl import utils
+from disc_pl.cf.priors import PRIORS, _max_dip_scales
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
+from disc_pl.models.fit import RECIPE_KEYS
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(utils.CONF_DIR)
 SPLITS = ("train", "val", "test")
 
 
@@ -245,7 +248,6 @@ def is_byo(node: Any) -> bool:
 
 def _check_model(ch: _Checks, key: str) -> None:
     """A model node (``models.classifier``, ``models.duq`` or train's ``model``)."""
-    from disc_pl.train import RECIPE_KEYS
 
     node = OmegaConf.select(ch.cfg, key)
     if not isinstance(node, DictConfig):
@@ -393,7 +395,6 @@ def _check_prior(ch: _Checks) -> None:
     after training is known to work now."""
     import torch
 
-    from disc_pl.cf.priors import PRIORS, _max_dip_scales
 
     name = ch.choice("prior.name", sorted(PRIORS))
     ch.number("prior.lr", 0, low_open=True)

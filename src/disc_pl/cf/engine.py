@@ -40,13 +40,15 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from torch.profiler import record_function
+
 from disc_pl.cf.gate import SpatialGate
-from disc_pl.cf.losses import SemanticLoss, functional_loss, per_sample_mse
+from disc_pl.cf.losses import per_sample_mse
+from disc_pl.cf.objective import Step, Term, check_objective, default_objective
 from disc_pl.cf.optim import RowAdam
 from disc_pl.cf.priors import Prior, build_prior
 
 FLIPPED, NOT_FLIPPED, DIVERGED = "flipped", "not_flipped", "diverged"
-TERMS = ("semantic", "manifold", "functional", "prior", "area", "total")
 
 
 @dataclass
@@ -117,7 +119,7 @@ class CounterfactualBatch:
     prediction: Tensor             # [B] argmax F(counterfactual)
     steps: Tensor                  # [B] counterfactual-stage optimisation steps taken
     recon_psnr: Tensor             # [B] PSNR of the reconstruction stage (dB)
-    seconds: float                 # wall time of the whole batch
+    seconds: Tensor                # [B] float64 wall time per query (its share of each step it ran)
     losses: dict[str, Tensor] = field(default_factory=dict)  # term -> [B] at the kept iterate
     localized: Tensor | None = None  # [B] bool: the kept image came from the gated search; None: no gate
 
@@ -143,12 +145,13 @@ def _invert(
     prior: str | Prior = "inr",
     prior_hparams: Mapping | None = None,
     manifold: nn.Module | None = None,
-    options: InversionOptions | None = None,
+    options: InversionOptions,
+    objective: Sequence[Term],
     seeds: Sequence[int] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> CounterfactualBatch:
     """One inversion pass over a batch (see ``generate_counterfactuals``)."""
-    opts = options or InversionOptions()
+    opts = options
     t_start = time.perf_counter()
     images = images.detach()
     B, device = images.shape[0], images.device
@@ -172,28 +175,31 @@ def _invert(
     if opts.localize_grid:
         gate = SpatialGate(B, opts.localize_grid, tuple(images.shape[-2:]), opts.gate_init, device)
         gate_optim = RowAdam([gate.logits], lr=opts.gate_lr)
-    semantic = SemanticLoss(opts.space, opts.layers)
     with torch.no_grad():
         logits0, feats0 = classifier.forward_features(images)
-        reference = semantic.reference(images, feats0)
+        states = {t.name: t.prepare(images, feats0) for t in objective}
     source = logits0.argmax(1)
     initial_prob = _probs(logits0).gather(1, targets[:, None]).squeeze(1)
 
     best = images.clone()
     best_dist = torch.full((B,), math.inf, device=device)     # among valid iterates
-    best_attempt_p = torch.full((B,), -1.0, device=device)   # among all iterates
+    best_attempt_p = torch.full((B,), -1.0, device=device, dtype=initial_prob.dtype)  # among all iterates
     valid_found = torch.zeros(B, dtype=torch.bool, device=device)
     diverged = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
     steps = torch.zeros(B, dtype=torch.long, device=device)
-    kept_terms = {t: torch.full((B,), math.nan, device=device) for t in TERMS}
+    seconds = torch.zeros(B, dtype=torch.float64)           # wall time, shared among the active queries
+    names = [t.name for t in objective] + ["total"]
+    kept_terms = {t: torch.full((B,), math.nan, device=device) for t in names}
+    seconds += (time.perf_counter() - t_start) / B           # set-up and reconstruction, per query
 
     optim = RowAdam(gen.parameter_groups(["all"]), lr=opts.lr)
     global_step = 0
     for k, stage in enumerate(opts.stages):
         gen.set_trainable(stage.groups)
-        lam_sem = opts.lambda_sem * opts.relax ** k
+        weights = [t.weight_at(k) for t in objective]
         for it in range(stage.steps):
+            t_step = time.perf_counter()
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
@@ -201,37 +207,39 @@ def _invert(
             # whole-batch paths instead of gathering and scattering every parameter row.
             everyone = idx.numel() == B
             subset = None if everyone else idx
-            x = render(subset)
-            area = torch.zeros(idx.numel(), device=device)
+            query = images if everyone else images[idx]
+            with record_function("disc_pl.generator"):
+                x = render(subset)
+            m = None
             if gate is not None:
-                x, m = gate.apply(images if everyone else images[idx], x, subset)
-                area = m.flatten(1).mean(1)
-            logits, feats = classifier.forward_features(x)
-            terms = {
-                "semantic": semantic(x, feats, [r[idx] for r in reference]),
-                "functional": functional_loss(logits, targets[idx]),
-                "prior": gen.regularizer(x, idx),
-                "area": area,
-            }
-            terms["manifold"] = (manifold(x, logits, feats, source[idx], targets[idx])
-                                 if manifold is not None else torch.zeros_like(terms["functional"]))
-            total = (lam_sem * terms["semantic"] + opts.lambda_mc * terms["manifold"]
-                     + opts.lambda_fc * terms["functional"] + terms["prior"]
-                     + opts.lambda_area * terms["area"])
-            terms["total"] = total
+                with record_function("disc_pl.gate"):
+                    x, m = gate.apply(query, x, subset)
+            with record_function("disc_pl.classifier"):
+                logits, feats = classifier.forward_features(x)
+            with record_function("disc_pl.objective"):
+                step = Step(x=x, logits=logits, feats=feats, query=query, source=source[idx],
+                            target=targets[idx], idx=idx, prior=gen, mask=m)
+                terms = {t.name: t(step, states[t.name]) for t in objective}
+                total = None
+                for w, t in zip(weights, objective):
+                    total = w * terms[t.name] if total is None else total + w * terms[t.name]
+                terms["total"] = total
             finite = torch.isfinite(total)
             optim.zero_grad()
             if gate is not None:
                 gate_optim.zero_grad()
             if finite.any():
-                total[finite].sum().backward()
-                stepped = None if everyone and bool(finite.all()) else idx[finite]
-                optim.step(stepped)
-                if gate is not None:
-                    gate_optim.step(stepped)
+                with record_function("disc_pl.backward"):
+                    total[finite].sum().backward()
+                with record_function("disc_pl.optimizer"):
+                    stepped = None if everyone and bool(finite.all()) else idx[finite]
+                    optim.step(stepped)
+                    if gate is not None:
+                        gate_optim.step(stepped)
 
-            with torch.no_grad():
+            with torch.no_grad(), record_function("disc_pl.bookkeeping"):
                 # Bookkeeping on the iterate just evaluated (before this step's update).
+                ran = idx
                 bad = idx[~finite]
                 diverged[bad] = True
                 active[bad] = False
@@ -248,7 +256,7 @@ def _invert(
                 best[rows] = x[keep].detach()
                 best_dist[idx[better]] = dist[better]
                 best_attempt_p[idx[attempt]] = p_t[attempt]
-                for t in TERMS:
+                for t in names:
                     kept_terms[t][rows] = terms[t][keep]
                 valid_found[idx[valid]] = True
                 done = valid & (it + 1 >= stage.min_steps)
@@ -257,20 +265,23 @@ def _invert(
             if on_log is not None and opts.log_every and global_step % opts.log_every == 0:
                 stats = {f"cf/loss_{t}": float(v.mean()) for t, v in terms.items() if v.numel()}
                 stats.update({"cf/stage": k, "cf/active": int(active.sum()),
-                              "cf/lambda_sem": lam_sem})
+                              "cf/lambda_sem": opts.lambda_sem * opts.relax ** k})
                 on_log(stats)
+            seconds[ran.cpu()] += (time.perf_counter() - t_step) / ran.numel()
 
+    t_end = time.perf_counter()
     with torch.no_grad():
         logits_final = classifier(best)
     # A query that found a valid iterate before diverging still has a valid counterfactual.
     status = [FLIPPED if v else (DIVERGED if d else NOT_FLIPPED)
               for d, v in zip(diverged.tolist(), valid_found.tolist())]
+    seconds += (time.perf_counter() - t_end) / B
     return CounterfactualBatch(
         images=best.cpu(), status=status, source=source.cpu(), target=targets.cpu(),
         initial_prob=initial_prob.cpu(),
         target_prob=_probs(logits_final).gather(1, targets[:, None]).squeeze(1).cpu(),
         prediction=logits_final.argmax(1).cpu(), steps=steps.cpu(), recon_psnr=recon_psnr.cpu(),
-        seconds=time.perf_counter() - t_start, losses={t: v.cpu() for t, v in kept_terms.items()},
+        seconds=seconds, losses={t: v.cpu() for t, v in kept_terms.items()},
         localized=torch.ones(B, dtype=torch.bool) if gate is not None else None,
     )
 
@@ -284,6 +295,7 @@ def generate_counterfactuals(
     prior_hparams: Mapping | None = None,
     manifold: nn.Module | None = None,
     options: InversionOptions | None = None,
+    objective: Sequence[Term] | None = None,
     seeds: Sequence[int] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> CounterfactualBatch:
@@ -298,20 +310,24 @@ def generate_counterfactuals(
     counts both. A query is thus never left unflipped only because its evidence is not local.
     The fallback rebuilds the generator, so it needs ``prior`` by name; with a ``Prior`` instance
     the gated result is returned as it is.
+
+    ``objective``: the named, weighted terms to minimise (``disc_pl.cf.objective``); default the
+    paper's objective with the coefficients of ``options`` and the ``manifold`` term.
+    ``seconds[i]`` is query i's share of the wall time: each step's time is split among the
+    queries active in it, set-up evenly (so the batch's wall time is ``seconds.sum()``).
     """
     opts = options or InversionOptions()
-    t_start = time.perf_counter()
+    objective = check_objective(objective if objective is not None else default_objective(opts, manifold))
     images = images.detach()
     B = images.shape[0]
     targets = torch.as_tensor(targets, device=images.device).long().view(-1)
     if targets.shape[0] != B:
         raise ValueError(f"{B} images but {targets.shape[0]} targets")
     seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
-    kwargs = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, on_log=on_log)
+    kwargs = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, objective=objective, on_log=on_log)
     out = _invert(classifier, images, targets, options=opts, seeds=seeds, **kwargs)
     redo = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED]
     if not (opts.localize_grid and opts.gate_fallback and redo and isinstance(prior, str)):
-        out.seconds = time.perf_counter() - t_start
         return out
     rows = torch.tensor(redo)
     again = _invert(classifier, images[rows.to(images.device)], targets[rows.to(targets.device)],
@@ -330,5 +346,5 @@ def generate_counterfactuals(
         out.status[i] = again.status[j]
     out.localized[take] = False
     out.steps[rows] += again.steps
-    out.seconds = time.perf_counter() - t_start
+    out.seconds[rows] += again.seconds
     return out

@@ -33,13 +33,15 @@ def concat_batches(parts: Sequence[CounterfactualBatch]) -> CounterfactualBatch:
     """The engine outputs of consecutive slices of one batch, as one output (rows in order)."""
     def cat(values: list) -> Any:
         first = values[0]
+        if first is None:  # `localized` without the gate
+            return None
         if isinstance(first, Tensor):
             return torch.cat(values)
         if isinstance(first, list):
             return [v for part in values for v in part]
         if isinstance(first, dict):
             return {k: cat([v[k] for v in values]) for k in first}
-        return sum(values)  # seconds: wall time of all attempts that produced rows
+        raise TypeError(f"cannot concatenate {type(first).__name__} fields")
     return CounterfactualBatch(**{f.name: cat([getattr(p, f.name) for p in parts])
                                   for f in dataclasses.fields(CounterfactualBatch)})
 
@@ -89,7 +91,6 @@ def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None)
         figures["mask_iou"] = M.mask_iou(x, x_cf, mask)
     name = (lambda c: class_names[c]) if class_names else str
     rows = []
-    per_query_seconds = out.seconds / max(len(out.status), 1)
     for i, status in enumerate(out.status):
         row = {"query_id": int(batch["query_id"][i]), "label": int(batch["label"][i]),
                "source": name(int(out.source[i])), "target": name(int(out.target[i])),
@@ -99,7 +100,7 @@ def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None)
                # empty without the gate (localize=none): the question does not apply
                "localized": bool(out.localized[i]) if out.localized is not None else ""}
         row.update({k: float(v[i]) for k, v in figures.items()})
-        row.update({"steps": int(out.steps[i]), "seconds": per_query_seconds,
+        row.update({"steps": int(out.steps[i]), "seconds": float(out.seconds[i]),
                     "recon_psnr": float(out.recon_psnr[i])})
         row.update({f"loss_{t}": float(v[i]) for t, v in out.losses.items()})
         rows.append(row)

@@ -35,7 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.functional import spearman_corrcoef
 
-from disc_pl.models.cache import safe_load
+from disc_pl.errors import ConfigError
+from disc_pl.models.loading import safe_load
 from disc_pl.models.classifier import dep_ranking_loss
 from disc_pl.nets.dep import LossPredictor
 
@@ -162,8 +163,6 @@ def from_torchvision(
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # e.g. a checkpoint for another number of classes
-        from disc_pl.validate import ConfigError
-
         raise ConfigError.one("model.path", str(weights), (
             f"the weights do not fit torchvision {arch!r} built for this dataset ({int(num_classes)} classes "
             f"{list(class_names or [])}, {int(in_channels)} input channels): use a checkpoint of this "

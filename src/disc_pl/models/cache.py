@@ -1,4 +1,4 @@
-"""Content-addressed model cache and safe checkpoint loading.
+"""Content-addressed model cache (loading lives in ``disc_pl.models.loading``).
 
 A trained model lives in ``<cache_dir>/<kind>-<key16>/`` with ``model.ckpt`` (or
 ``posthoc_dep.pt`` for a bring-your-own classifier), ``metrics.json`` and ``config.yaml``.
@@ -23,22 +23,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import shutil
 import socket
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from disc_pl.utils import config_hash, to_plain
-
 from disc_pl.errors import UnsafeCheckpointError  # noqa: F401 (re-exported)
+from disc_pl.models.loading import load_classifier, load_duq, safe_load  # noqa: F401 (re-exported)
+from disc_pl.utils import config_hash, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +60,8 @@ TRAINER_PRESENTATION_KEYS = frozenset(
     }
 )
 ARTIFACT_NAMES = ("model.ckpt", "posthoc_dep.pt")
+# (model_cfg, dataset_cfg, trainer_cfg, seed, out_dir, logger_cfg, datamodule) -> metrics
+TrainModelFn = Callable[..., Any]
 FILE_KEYS = ("path", "weights")  # model-yaml keys naming a user file (bring-your-own)
 
 
@@ -164,18 +164,21 @@ def ensure_model(
     trainer_cfg: DictConfig,
     seed: int,
     cache_dir: str | os.PathLike,
+    *,
+    train_fn: TrainModelFn,
     logger_cfg: DictConfig | None = None,
     datamodule: Any = None,
     wait_timeout_s: float = 6 * 3600,
 ) -> Path:
-    """Path of the cached model for this config; trains it (disc_pl.train.train_model) if missing.
+    """Path of the cached model for this config; trains it with ``train_fn`` if missing.
 
-    `datamodule` (built from dataset_cfg) may be passed to avoid building the data twice.
-    Under a multi-process launcher, every rank trains (they form the DDP group) but only rank
-    0 takes the lock and publishes; the other ranks wait for the entry to appear.
+    ``train_fn(model_cfg, dataset_cfg, trainer_cfg, seed, out_dir, logger_cfg, datamodule)``
+    writes the model's files into ``out_dir`` (``disc_pl.models.fit.train_model``; the cache
+    does not know how models are trained). `datamodule` (built from dataset_cfg) may be passed
+    to avoid building the data twice. Under a multi-process launcher, every rank trains (they
+    form the DDP group) but only rank 0 takes the lock and publishes; the other ranks wait for
+    the entry to appear.
     """
-    from disc_pl import train as train_lib  # the entry point imports this module
-
     model_cfg = model_cfg if isinstance(model_cfg, DictConfig) else OmegaConf.create(model_cfg)
     if datamodule is None:
         datamodule = instantiate(dataset_cfg)
@@ -190,7 +193,7 @@ def ensure_model(
         return found
 
     def train_into(out_dir: Path) -> None:
-        train_lib.train_model(model_cfg, dataset_cfg, trainer_cfg, seed, out_dir, logger_cfg, datamodule)
+        train_fn(model_cfg, dataset_cfg, trainer_cfg, seed, out_dir, logger_cfg, datamodule)
 
     if _distributed_rank() != 0:
         with tempfile.TemporaryDirectory(prefix=f".rank-{kind}-") as scratch:
@@ -223,44 +226,3 @@ def ensure_model(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return _artifact(entry)  # type: ignore[return-value]
-
-
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """torch.load(weights_only=True), with a clear error for checkpoints holding code."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message suggests weights_only=False: keep only what it found (the GLOBAL line).
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        found = next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "")
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds pickled objects other than tensors and plain values, "
-            "and unpickling them could run arbitrary code. Only checkpoints written by disc_pl "
-            f"(Lightning weights + plain hyper-parameters) or plain state dicts are accepted. ({found})"
-        ) from err
-
-
-def _load_module(cls: type, path: str | os.PathLike, map_location: Any, freeze: bool):
-    ckpt = safe_load(path, map_location)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{path} is not a disc_pl Lightning checkpoint (no state_dict / hyper_parameters)")
-    model = cls(**ckpt["hyper_parameters"])
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    if freeze:
-        model.requires_grad_(False)
-    return model
-
-
-def load_classifier(path: str | os.PathLike, map_location: Any = "cpu", freeze: bool = True):
-    """A trained ClassifierModule in eval mode (parameters frozen unless freeze=False)."""
-    from disc_pl.models.classifier import ClassifierModule
-
-    return _load_module(ClassifierModule, path, map_location, freeze)
-
-
-def load_duq(path: str | os.PathLike, map_location: Any = "cpu", freeze: bool = True):
-    """A trained DUQModule in eval mode (parameters frozen unless freeze=False)."""
-    from disc_pl.models.duq import DUQModule
-
-    return _load_module(DUQModule, path, map_location, freeze)

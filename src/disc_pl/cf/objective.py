@@ -1,0 +1,131 @@
+"""The objective as a list of named, weighted terms (paper eq. 5, plus the gate's area).
+
+    total = sum_k  weight_k * relax_k ** stage * term_k(step)
+
+Each term maps the b active queries of one step to a tensor ``[b]`` and is logged under its
+name (``cf/loss_<name>``, results.csv ``loss_<name>``). The engine sums whatever list it is
+given, so a new term (an L1 trial, a view-averaging term) is a small class here plus a config
+entry, not an edit of the engine. ``default_objective`` is the paper's objective (+ the area of
+the localization gate), built from ``InversionOptions``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from disc_pl.cf.losses import SemanticLoss, functional_loss
+
+
+@dataclass
+class Step:
+    """What a term sees at one step: the b active queries (rows ``idx`` of the batch)."""
+
+    x: Tensor                 # [b, C, H, W] candidate counterfactuals in [0, 1]
+    logits: Tensor            # [b, K] classifier logits of x
+    feats: Sequence[Tensor]   # the classifier's feature maps of x
+    query: Tensor             # [b, C, H, W] the queries
+    source: Tensor            # [b] class predicted for the query
+    target: Tensor            # [b]
+    idx: Tensor               # [b] rows of the batch
+    prior: Any                # the batch's generators, a disc_pl.cf.priors.Prior (its regulariser)
+    mask: Tensor | None       # [b, 1, H, W] gate mask, None without the gate
+
+
+class Term:
+    """A named, weighted term. ``relax`` < 1 shrinks its weight at every progressive stage."""
+
+    name: str = "term"
+
+    def __init__(self, weight: float = 1.0, relax: float = 1.0) -> None:
+        if not weight >= 0:
+            raise ValueError(f"{self.name}: weight={weight!r} must be >= 0")
+        self.weight, self.relax = float(weight), float(relax)
+
+    def weight_at(self, stage: int) -> float:
+        return self.weight * self.relax ** stage
+
+    def prepare(self, images: Tensor, feats: Sequence[Tensor]) -> Any:
+        """Per-pass state (e.g. a reference), from the queries and their features."""
+        return None
+
+    def __call__(self, step: Step, state: Any) -> Tensor:  # -> [b]
+        raise NotImplementedError
+
+
+class SemanticTerm(Term):
+    """d(Phi(x'), Phi(x)) in the latent (lso) or image (iso) space (``disc_pl.cf.losses``)."""
+
+    name = "semantic"
+
+    def __init__(self, space: str = "lso", layers: Sequence[int] = (0, 1, 2, 3), weight: float = 1.0,
+                 relax: float = 1.0) -> None:
+        super().__init__(weight, relax)
+        self.loss = SemanticLoss(space, layers)
+
+    def prepare(self, images, feats):
+        return self.loss.reference(images, feats)
+
+    def __call__(self, step, state):
+        return self.loss(step.x, step.feats, [r[step.idx] for r in state])
+
+
+class ManifoldTerm(Term):
+    """L_mc of a manifold model (``DEPManifold``, ``DUQManifold``); zeros for ``None``."""
+
+    name = "manifold"
+
+    def __init__(self, manifold: nn.Module | None, weight: float = 1.0) -> None:
+        super().__init__(weight)
+        self.manifold = manifold
+
+    def __call__(self, step, state):
+        if self.manifold is None:
+            return torch.zeros(step.logits.shape[0], device=step.logits.device, dtype=step.logits.dtype)
+        return self.manifold(step.x, step.logits, step.feats, step.source, step.target)
+
+
+class FunctionalTerm(Term):
+    """Cross entropy of F(x') to the target class."""
+
+    name = "functional"
+
+    def __call__(self, step, state):
+        return functional_loss(step.logits, step.target)
+
+
+class PriorTerm(Term):
+    """The prior's own regulariser (TV + L2 for tv; zeros for the network priors)."""
+
+    name = "prior"
+
+    def __call__(self, step, state):
+        return step.prior.regularizer(step.x, step.idx)
+
+
+class AreaTerm(Term):
+    """The gated fraction of the image, mean(m) (``disc_pl.cf.gate``); zeros without the gate."""
+
+    name = "area"
+
+    def __call__(self, step, state):
+        if step.mask is None:
+            return torch.zeros(step.x.shape[0], device=step.x.device, dtype=step.x.dtype)
+        return step.mask.flatten(1).mean(1)
+
+
+def default_objective(options: Any, manifold: nn.Module | None = None) -> list[Term]:
+    """The paper's objective (eq. 5) with the coefficients of ``options`` (an
+    ``InversionOptions``), + the gate's area."""
+    return [SemanticTerm(options.space, options.layers, options.lambda_sem, options.relax),
+            ManifoldTerm(manifold, options.lambda_mc), FunctionalTerm(options.lambda_fc),
+            PriorTerm(1.0), AreaTerm(options.lambda_area)]
+
+
+def check_objective(terms: Sequence[Term]) -> list[Term]:
+    names = [t.name for t in terms]
+    if not terms or len(set(names)) != len(names) or "total" in names:
+        raise ValueError(f"objective terms {names}: need at least one, unique names, none called 'total'")
+    return list(terms)
