@@ -27,14 +27,15 @@ from disc_pl.cf.engine import InversionOptions, Stage
 from disc_pl.cf.losses import DEPManifold, DUQManifold
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
 from disc_pl.cf.progress import QueryProgress
-from disc_pl.cf.results import (ensure_writable_dir, finished_query_ids, merge_parts, remove_stale_temps,
-                                write_json, write_results_table)
+from disc_pl.cf.results import (check_config_stamp, ensure_writable_dir, finished_query_ids, flatten, merge_parts,
+                                remove_stale_temps, write_config_stamp, write_json, write_results_table)
 from disc_pl.data.corruptions import corrupted
 from disc_pl.models.byo import load_posthoc_dep
-from disc_pl.models.cache import ensure_model
+from disc_pl.models.cache import TRAINER_PRESENTATION_KEYS, ensure_model
 from disc_pl.models.fit import build_model, train_model
 from disc_pl.models.loading import load_classifier, load_duq
 from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
+from disc_pl.utils import to_plain
 from disc_pl.viz import save_grid
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,31 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
     return chosen[: int(qcfg.count)], source, target
 
 
+# Keys that do not change a query's result: which queries and how many (a rerun may add some),
+# how they are batched and placed, where things are written, what is logged.
+UNSTAMPED = ("query.count", "query.indices", "query.batch_size", "query.num_workers", "dataset.num_workers", "cache_dir",
+             "threads_per_job", "experiment_name", "logger", "output", "evaluate", "hydra")
+
+
+def result_config(cfg: DictConfig) -> dict[str, Any]:
+    """The flat config that determines each query's result (stamped on ``parts/``)."""
+    kept = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in UNSTAMPED])  # unresolved paths stay out
+    flat = flatten(to_plain(kept))
+    trainer = {f"trainer.{k}" for k in TRAINER_PRESENTATION_KEYS}
+    return {k: v for k, v in flat.items()
+            if k not in trainer and not any(k == u or k.startswith(u + ".") for u in UNSTAMPED)}
+
+
+# Quality of a counterfactual: averaged over the flipped queries only (a not-flipped query's
+# best attempt, or a diverged query returned as itself with mse 0, is no counterfactual).
+FLIPPED_FIGURES = ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob", "recon_psnr")
+# Cost and starting point: over every query (the work was spent on all of them).
+ALL_FIGURES = ("initial_prob", "steps", "seconds")
+
+
 def summarize(rows: list[dict]) -> dict[str, float]:
-    """Aggregates of the results table: ``cf/<figure>`` mean and ``cf/<figure>_std``."""
+    """Aggregates of the results table: ``cf/<figure>`` mean and ``cf/<figure>_std`` over the
+    flipped queries (FLIPPED_FIGURES) or all (ALL_FIGURES), and ``cf/n_<status>`` counts."""
     out: dict[str, float] = {"cf/queries": len(rows)}
     if not rows:
         return out
@@ -138,9 +162,10 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     flipped = [r for r in rows if r["flipped"] and isinstance(r.get("localized"), bool)]  # "" without the gate
     if flipped:
         out["cf/localized_rate"] = sum(r["localized"] for r in flipped) / len(flipped)
-    for key in ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob",
-                "initial_prob", "steps", "seconds", "recon_psnr"):
-        vals = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
+    flipped_rows = [r for r in rows if r["status"] == "flipped"]
+    for key in (*FLIPPED_FIGURES, *ALL_FIGURES):
+        among = flipped_rows if key in FLIPPED_FIGURES else rows
+        vals = [float(r[key]) for r in among if key in r and not math.isnan(float(r[key]))]
         if vals:
             out[f"cf/{key}"] = statistics.fmean(vals)
             out[f"cf/{key}_std"] = statistics.pstdev(vals)
@@ -159,6 +184,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
     validate_run_config(cfg)  # one ConfigError listing every bad value, before any data or model
     ensure_writable_dir(out_dir)
+    stamp = result_config(cfg)
+    check_config_stamp(out_dir, stamp)  # parts made under other values are refused, before any work
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     options, prior_name, prior_hparams = inversion_options(cfg)  # validates before any training
     dm = instantiate(cfg.dataset)
@@ -178,6 +205,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
              dm.class_names[target], len(indices) - len(todo), out_dir)
     logger = build_logger(cfg, out_dir)
     if todo:
+        write_config_stamp(out_dir, stamp)
         gt = dm.ground_truth(cfg.query.split, todo) if dm.has_ground_truth else None
         queries = QueryDataset(query_data, todo, [target] * len(todo), cfg.seed, gt)
         loader = torch.utils.data.DataLoader(queries, batch_size=int(cfg.query.batch_size),

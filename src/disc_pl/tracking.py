@@ -28,6 +28,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from disc_pl.utils import configure_matmul_precision, to_plain
+
 log = logging.getLogger(__name__)
 
 
@@ -125,8 +127,6 @@ def build_logger(logger_cfg: DictConfig | None, out_dir: str | Path, default_gro
 def loggable_config(cfg: DictConfig) -> dict[str, Any]:
     """The job config as plain values for the logger's hyper-parameters (the ``logger`` node
     left out); a value that needs the Hydra runtime to resolve, outside a job, is marked so."""
-    from disc_pl.utils import to_plain
-
     plain: dict[str, Any] = {}
     for key in cfg:
         if key in ("logger", "hydra"):

@@ -26,9 +26,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from disc_pl.errors import ResultsWriteError  # noqa: F401 (re-exported)
+from disc_pl.errors import ConfigError, Problem, ResultsWriteError  # noqa: F401 (re-exported)
+from disc_pl.utils import config_hash
 
 PARTS = "parts"
+STAMP = "config.json"  # parts/config.json: the config the parts were made with, and its hash
 
 
 @contextmanager
@@ -114,6 +116,45 @@ def write_json(path: Path, obj: dict) -> None:
         return v
     with explain_write_errors(path, Path(path).parent):
         atomic_write_text(path, json.dumps(clean(obj), indent=2, sort_keys=True) + "\n")
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_config_stamp(out_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume parts made under another config: the stamp a previous run left in
+    ``parts/`` (``write_config_stamp``) must match the (flat, plain) ``config`` that determines
+    the results, or a ``ConfigError`` names each differing key."""
+    digest = config_hash(config)
+    path = Path(out_dir) / PARTS / STAMP
+    if path.is_file() and any((Path(out_dir) / PARTS).glob("part-*.pt")):
+        stamped = json.loads(path.read_text())
+        if stamped.get("hash") == digest:
+            return digest
+        old = stamped.get("config", {})
+        problems = [Problem(key, config.get(key, "<absent>"),
+                            f"the results in {out_dir} were made with {key}={json.dumps(old.get(key, '<absent>'))}; "
+                            "rerun with that value to resume them, or write elsewhere (hydra.run.dir=...)")
+                    for key in sorted(set(old) | set(config)) if old.get(key) != config.get(key)]
+        raise ConfigError(problems or [Problem("output", str(out_dir), "its parts were made with another config")])
+
+
+def write_config_stamp(out_dir: Path, config: dict[str, Any]) -> str:
+    """Stamp ``parts/`` with the config its parts are made with (and its hash); returns the hash."""
+    digest = config_hash(config)
+    path = Path(out_dir) / PARTS / STAMP
+    with explain_write_errors(path, Path(out_dir)):
+        atomic_write_text(path, json.dumps({"hash": digest, "config": config}, indent=1, sort_keys=True) + "\n")
+    return digest
 
 
 def write_part(out_dir: Path, rank: int, rows: list[dict], query_ids: Tensor,

@@ -14,7 +14,8 @@ The logger is not part of the key.
 
 Entries are written atomically: training runs in a hidden temp folder that is renamed into
 place only when complete, so a killed training never leaves a half entry. A lock file
-(``os.open(O_CREAT | O_EXCL)``, holding host and pid; a lock whose process is gone is broken)
+(``os.open(O_CREAT | O_EXCL)``, holding host and pid, its mtime refreshed by the holder; a lock whose
+process is gone, or of another host that stopped refreshing it, is broken)
 stops two jobs of a sweep from training the same model at once: the second waits, then reuses.
 """
 
@@ -26,6 +27,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,25 +107,39 @@ def _distributed_rank() -> int:
     return 0
 
 
-def _lock_is_stale(path: Path) -> bool:
+def _lock_is_stale(path: Path, stale_after_s: float) -> str | None:
+    """Why the lock at ``path`` is stale (None: it is held). Same host: its process is gone.
+    Another host (a shared file system): its holder stopped refreshing its age (mtime) for
+    ``stale_after_s`` -- a live holder touches it every ``stale_after_s / 4``."""
     try:
         host, pid = path.read_text().split()
+        age = time.time() - path.stat().st_mtime
     except (OSError, ValueError):
-        return False  # being written, or foreign: leave it
+        return None  # being written (or just released): look again
     if host != socket.gethostname():
-        return False
+        return f"host {host} has not refreshed it for {age:.0f} s" if age > stale_after_s else None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return True
+        return f"process {pid} is gone"
     except PermissionError:
-        return False
-    return False
+        return None
+    return None
+
+
+def _heartbeat(path: Path, every_s: float, stop: threading.Event) -> None:
+    while not stop.wait(every_s):
+        try:
+            os.utime(path)
+        except OSError:
+            return
 
 
 @contextmanager
-def file_lock(path: Path, timeout_s: float = 6 * 3600, poll_s: float = 1.0) -> Iterator[None]:
-    """Exclusive lock file; waits (polling) while another live process holds it."""
+def file_lock(path: Path, timeout_s: float = 6 * 3600, poll_s: float = 1.0,
+              stale_after_s: float = 600.0) -> Iterator[None]:
+    """Exclusive lock file holding ``host pid``; waits (polling) while another live process holds
+    it. The holder refreshes the file's mtime, so a lock of a dead host is broken by its age."""
     path = Path(path)
     start = time.monotonic()
     announced = False
@@ -131,8 +147,9 @@ def file_lock(path: Path, timeout_s: float = 6 * 3600, poll_s: float = 1.0) -> I
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if _lock_is_stale(path):
-                log.warning("breaking stale lock %s (its process is gone)", path)
+            why = _lock_is_stale(path, stale_after_s)
+            if why:
+                log.warning("breaking stale lock %s (%s)", path, why)
                 path.unlink(missing_ok=True)
                 continue
             if time.monotonic() - start > timeout_s:
@@ -145,9 +162,14 @@ def file_lock(path: Path, timeout_s: float = 6 * 3600, poll_s: float = 1.0) -> I
         with os.fdopen(fd, "w") as f:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
         break
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, stale_after_s / 4, stop), daemon=True)
+    beat.start()
     try:
         yield
     finally:
+        stop.set()
+        beat.join()
         path.unlink(missing_ok=True)
 
 
