@@ -36,9 +36,12 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     assert seq["max_abs_diff"] < 1e-4  # batched and one-at-a-time give the same counterfactuals
 
     assert {s["prior"] for s in saved["step_split"]} == PRIORS
-    for s in saved["step_split"]:
-        for part in ("generator", "classifier", "manifold", "other"):
+    for s in saved["step_split"]:  # the real engine step, profiled: the gate of the run config included
+        for part in (*bench.STEP_PARTS, "other"):
             assert s[f"{part}_ms"] >= 0 and 0 <= s[f"{part}_fraction"]
+        assert s["gate"] is True and s["gate_ms"] > 0  # conf/run.yaml: localize=gate
+        for part in ("generator", "classifier", "objective", "backward", "optimizer"):
+            assert s[f"{part}_ms"] > 0, (s["prior"], part)
     assert saved["matmul"]["dtype"] == "float32" and saved["matmul"]["flops_per_s"] > 0
     flops = {f["prior"]: f for f in saved["flops"]}
     assert set(flops) == PRIORS

@@ -7,8 +7,9 @@ yaml sizes:
 * **throughput**: counterfactuals per second for prior tv / dip / inr at batch sizes 1/8/32/64;
 * **batched vs sequential**: 32 INR queries optimised together vs one at a time (same seeds,
   same settings; also checks that both give the same counterfactuals);
-* **per-step split**: forward+backward time of the generator, the classifier and the
-  manifold model in one counterfactual step of the ``all`` stage (the most expensive one);
+* **per-step split**: the real engine step of the ``all`` stage (the most expensive one),
+  split by ``torch.profiler`` into its labelled parts (generator, gate, classifier,
+  objective terms, backward, optimiser, bookkeeping);
 * **FLOP/s**: the FLOPs of one engine step (``torch.utils.flop_counter``) over its measured
   time, as a fraction of a dense float32 2048x2048 matmul's FLOP/s measured in the same run;
 * **peak memory**: ``torch.cuda.max_memory_allocated`` per case on CUDA; the process's
@@ -41,8 +42,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
-from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
-from disc_pl.cf.priors import build_prior
+from disc_pl.cf.losses import DEPManifold
 from disc_pl.job import inversion_options
 from disc_pl.models.fit import build_model
 from disc_pl.models.loading import load_classifier
@@ -210,45 +210,28 @@ def batched_vs_sequential(bench: Bench, prior: str = "inr") -> dict:
             "max_abs_diff": float((seq_images - batched[0].images).abs().max())}
 
 
+# The engine's labelled ranges of one step (torch.profiler.record_function in cf/engine.py).
+STEP_PARTS = ("generator", "gate", "classifier", "objective", "backward", "optimizer", "bookkeeping")
+
+
 def step_split(bench: Bench, prior: str) -> dict:
-    """Forward+backward ms of generator / classifier / manifold in one step of the ``all`` stage."""
-    b, dev, reps = bench.split_batch, bench.device, bench.timing_repeats
-    options, hparams = bench.options(prior)
-    images, targets = bench.images[:b], bench.targets[:b]
-    gen = build_prior(prior, images, list(range(b)), **hparams)
-    gen.set_trainable(["all"])
-    semantic = SemanticLoss(options.space, options.layers)
-    with torch.no_grad():
-        logits0, feats0 = bench.classifier.forward_features(images)
-        reference = semantic.reference(images, feats0)
-    source = logits0.argmax(1)
-
-    def generator():
-        x = gen()
-        x.backward(torch.ones_like(x))
-
-    x_leaf = images.clone().requires_grad_(True)
-
-    def classifier():
-        logits, feats = bench.classifier.forward_features(x_leaf)
-        loss = options.lambda_sem * semantic(x_leaf, feats, reference) + functional_loss(logits, targets)
-        loss.sum().backward()
-
-    with torch.no_grad():
-        logits_c, feats_c = bench.classifier.forward_features(images)
-    feats_leaf = [f.clone().requires_grad_(True) for f in feats_c]
-
-    def manifold():
-        bench.manifold(x_leaf, logits_c, feats_leaf, source, targets).sum().backward()
-
-    parts = {}
-    for name, fn in (("generator", generator), ("classifier", classifier), ("manifold", manifold)):
-        fn()  # warm-up
-        parts[name] = timed(fn, dev, reps) * 1e3
+    """ms per step in each labelled part of the real engine step (``all`` stage, the gate
+    included when the run config has it), from ``torch.profiler`` over n steps of the engine.
+    The parts are the host time of each range (on CUDA, kernels run asynchronously: the GPU
+    time of a range can differ); ``other`` = the measured step - the parts."""
+    n = 2 if bench.stage_steps <= 2 else 10
+    rows = slice(0, bench.split_batch)
+    options, hp = _single_stage(bench, prior, n)
+    bench.generate(prior, rows, options, hp)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        bench.generate(prior, rows, options, hp)
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}  # microseconds, n steps
+    parts = {name: totals.get(f"disc_pl.{name}", 0.0) / 1e3 / n for name in STEP_PARTS}
     step_s, step_cpu_s = engine_step_seconds(bench, prior)
     step_ms = step_s * 1e3
     parts["other"] = max(step_ms - sum(parts.values()), 0.0)
-    return {"prior": prior, "batch_size": b, "stage": "all", "step_ms": step_ms, "step_cpu_ms": step_cpu_s * 1e3,
+    return {"prior": prior, "batch_size": bench.split_batch, "stage": "all", "step_ms": step_ms,
+            "step_cpu_ms": step_cpu_s * 1e3, "gate": bool(options.localize_grid),
             **{f"{k}_ms": v for k, v in parts.items()},
             **{f"{k}_fraction": v / step_ms for k, v in parts.items()}}
 
@@ -320,15 +303,16 @@ def markdown(r: dict) -> str:
               f"{bs['sequential_cpu_s']:.2f} s, **{bs['ratio_cpu']:.2f}x**; target >= "
               f"{TARGETS['batched_over_sequential']}x); max |difference| {bs['max_abs_diff']:.1e}", "",
               f"## One step of the `all` stage (batch {r['step_split'][0]['batch_size']})", "",
-              "Forward+backward ms of each model (fastest of repeats); the step (wall and CPU ms) is "
-              "the engine's own loop, from runs of n and 2n steps; `other` = step - the three "
-              "(losses, optimiser, bookkeeping). FLOPs counted with torch.utils.flop_counter.", "",
-              "| prior | step ms | step CPU ms | generator | classifier | manifold | other | GFLOP/step "
+              "The engine's own step (wall and CPU ms, from runs of n and 2n steps), split into its "
+              "labelled parts by torch.profiler (host ms per step; forward parts, then the one backward "
+              "pass; `objective` includes the manifold model; `other` = step - the parts). FLOPs "
+              "counted with torch.utils.flop_counter.", "",
+              "| prior | step ms | step CPU ms | " + " | ".join(STEP_PARTS) + " | other | GFLOP/step "
               "| GFLOP/s | of matmul | of matmul (CPU time) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---" * (len(STEP_PARTS) + 8) + "|"]
     for s, f in zip(r["step_split"], r["flops"]):
         share = " | ".join(f"{s[k + '_ms']:.1f} ({100 * s[k + '_fraction']:.0f}%)"
-                           for k in ("generator", "classifier", "manifold", "other"))
+                           for k in (*STEP_PARTS, "other"))
         lines.append(f"| {s['prior']} | {s['step_ms']:.1f} | {s['step_cpu_ms']:.1f} | {share} | "
                      f"{f['flops_per_step'] / 1e9:.2f} | {f['achieved_flops_per_s'] / 1e9:.1f} | "
                      f"{100 * f['fraction_of_matmul']:.0f}% | {100 * f['fraction_of_matmul_cpu']:.0f}% |")
