@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from disc_pl.cf.optim import RowAdam
@@ -232,7 +233,8 @@ def test_tv_regulariser_and_clamp():
 def test_configs_build(name):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     assert cfg.name == name and set(cfg.recon) == {"max_steps", "psnr_target", "lr"}
-    prior = build_prior(cfg.name, torch.rand(1, 3, 32, 32), [0], **cfg.hparams)
+    factory = instantiate(cfg.hparams)  # the run's generator factory: (images, seeds) -> Prior
+    prior = factory(torch.rand(1, 3, 32, 32), [0])
     stages = OmegaConf.to_container(cfg.stages)
     assert stages == prior.default_stages
     for stage in stages:

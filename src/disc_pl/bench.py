@@ -156,22 +156,23 @@ class Bench:
         model = model.to(self.device).eval().requires_grad_(False)
         return model, desc
 
-    def options(self, prior: str) -> tuple[InversionOptions, dict]:
+    def options(self, prior: str) -> tuple[InversionOptions, Any]:
         """The run config's options for ``prior`` with fixed step counts (no early stopping)."""
-        options, _, hparams = inversion_options(self.configs[prior])
+        options, factory = inversion_options(self.configs[prior])  # factory: the prior's generators
         stages = [Stage(groups=list(s.groups), steps=self.stage_steps, min_steps=self.stage_steps + 1)
                   for s in options.stages]  # min_steps > steps: a flipped query never leaves
         recon = self.recon_steps if options.recon_steps > 0 else 0  # tv: nothing to reconstruct
         # gate_fallback off: a fixed amount of work per query (no second search for unflipped ones)
         return replace(options, stages=stages, recon_steps=recon, psnr_target=1e9, log_every=0,
-                       gate_fallback=False), hparams
+                       gate_fallback=False), factory
 
     def generate(self, prior: str, rows: slice, options: InversionOptions | None = None, hparams=None):
+        """``hparams``: the prior's generator factory (``Bench.options``)."""
         if options is None:
             options, hparams = self.options(prior)
         images, targets = self.images[rows], self.targets[rows]
         seeds = list(range(rows.start or 0, (rows.start or 0) + images.shape[0]))
-        return generate_counterfactuals(self.classifier, images, targets, prior=prior, prior_hparams=hparams,
+        return generate_counterfactuals(self.classifier, images, targets, prior=hparams,
                                         manifold=self.manifold, options=options, seeds=seeds)
 
 

@@ -41,8 +41,9 @@ from disc_pl.viz import save_grid
 log = logging.getLogger(__name__)
 
 
-def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, str, dict]:
-    """Plain engine options from the composed config: (options, prior name, prior hparams)."""
+def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, Any]:
+    """Engine options and the generator factory ``(images, seeds) -> Prior`` (``prior.hparams``
+    instantiated, once) from the composed config."""
     inv, prior, space, manifold = cfg.inversion, cfg.prior, cfg.space, cfg.manifold
     stages = [Stage(groups=list(g), steps=int(inv.steps_per_stage), min_steps=int(inv.min_steps))
               for g in prior.stages]
@@ -56,8 +57,7 @@ def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, str, dict]:
         localize_grid=int(cfg.localize.grid), lambda_area=float(cfg.localize.lambda_area),
         gate_lr=float(cfg.localize.lr), gate_init=float(cfg.localize.init),
         gate_fallback=bool(cfg.localize.fallback))
-    hparams = dict(OmegaConf.to_container(prior.get("hparams") or {}, resolve=True))  # generator hparams
-    return options, str(prior.name), hparams
+    return options, instantiate(prior.hparams)
 
 
 def load_run_classifier(cfg: DictConfig, dm) -> tuple[torch.nn.Module, Path]:
@@ -187,7 +187,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     stamp = result_config(cfg)
     check_config_stamp(out_dir, stamp)  # parts made under other values are refused, before any work
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    options, prior_name, prior_hparams = inversion_options(cfg)  # validates before any training
+    options, prior_factory = inversion_options(cfg)  # validates before any training
     dm = instantiate(cfg.dataset)
     dm.setup()
     validate_with_data(cfg, dm)  # query classes / indices, before any model is trained
@@ -210,7 +210,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         queries = QueryDataset(query_data, todo, [target] * len(todo), cfg.seed, gt)
         loader = torch.utils.data.DataLoader(queries, batch_size=int(cfg.query.batch_size),
                                              shuffle=False, num_workers=int(cfg.query.num_workers))
-        module = InversionModule(classifier, manifold, prior_name, prior_hparams, options, dm.class_names)
+        module = InversionModule(classifier, manifold, prior_factory, options, dm.class_names,
+                                 prior_name=str(cfg.prior.name))
         trainer = instantiate(cfg.trainer, inference_mode=False, logger=logger or False,
                               callbacks=[CounterfactualWriter(out_dir), tracking.CloseGlooAtExit(),
                                          QueryProgress(len(indices), already_done=len(indices) - len(todo))],

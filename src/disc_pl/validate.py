@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from disc_pl import utils
-from disc_pl.cf.priors import PRIORS, _max_dip_scales
+from disc_pl.cf.priors import DIPPrior, Prior, _max_dip_scales
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
 from disc_pl.models.fit import RECIPE_KEYS
 
@@ -396,7 +396,9 @@ def _check_prior(ch: _Checks) -> None:
     import torch
 
 
-    name = ch.choice("prior.name", sorted(PRIORS))
+    name = ch.get("prior.name")
+    if not isinstance(name, str) or not name:
+        ch.add("prior.name", name, "must be the prior's name (a label: tv, dip, inr, ...)")
     ch.number("prior.lr", 0, low_open=True)
     ch.integer("prior.recon.max_steps", 0)
     ch.number("prior.recon.psnr_target", 0, low_open=True)
@@ -407,15 +409,21 @@ def _check_prior(ch: _Checks) -> None:
         ch.add("prior.stages", stages, "must be a non-empty list of non-empty lists of layer-group names, "
                "e.g. [[out],[hidden2,out],[all]]")
         stages = None
-    if name not in PRIORS:
-        return
     prefix = "prior.hparams"
     hparams = ch.get(prefix)
-    hparams = {} if hparams in (ABSENT, MISSING, None) else hparams
-    if not isinstance(hparams, dict):
-        ch.add(prefix, hparams, "must be a mapping of generator hyper-parameters")
+    if not isinstance(hparams, dict) or "_target_" not in hparams:
+        ch.add(prefix, hparams, "must be the generator factory: {_target_: disc_pl.cf.priors.INRPrior, "
+               "_partial_: true, <constructor arguments>} (see conf/prior/*.yaml)")
         return
-    allowed, _ = _parameters(PRIORS[name])
+    cls = _target(OmegaConf.create({"_target_": hparams["_target_"]}))
+    if not (isinstance(cls, type) and issubclass(cls, Prior)):
+        ch.add(f"{prefix}._target_", hparams["_target_"], "must name a subclass of disc_pl.cf.priors.Prior")
+        return
+    if hparams.get("_partial_") is not True:
+        ch.add(f"{prefix}._partial_", hparams.get("_partial_", ABSENT),
+               "must be true: the run builds one generator set per batch of queries")
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    allowed, _ = _parameters(cls)
     allowed -= {"images", "seeds"}
     unknown = sorted(set(hparams) - allowed)
     for k in unknown:
@@ -423,8 +431,8 @@ def _check_prior(ch: _Checks) -> None:
     size, channels = ch.get("dataset.image_size"), dataset_channels(ch.cfg)
     if unknown or not _is_int(size) or size < 8:
         return
-    if name == "dip":
-        scales = hparams.get("scales", inspect.signature(PRIORS[name].__init__).parameters["scales"].default)
+    if issubclass(cls, DIPPrior):
+        scales = hparams.get("scales", inspect.signature(cls.__init__).parameters["scales"].default)
         if _is_int(scales) and not 1 <= scales <= _max_dip_scales(size, size):
             step = 2**scales if scales >= 1 else 2
             fits = _max_dip_scales(size, size)
@@ -436,7 +444,7 @@ def _check_prior(ch: _Checks) -> None:
                       else f"no number of scales fits {size} px images: use prior=inr or prior=tv"))
             return
     try:
-        probe = PRIORS[name](torch.zeros(1, channels, size, size), [0], **hparams)
+        probe = cls(torch.zeros(1, channels, size, size), [0], **hparams)
     except (TypeError, ValueError) as err:
         ch.add(prefix, hparams, f"prior={name} cannot be built for {size}x{size} images: {err}")
         return

@@ -137,12 +137,26 @@ def is_flipped(logits: Tensor, target: Tensor, margin: float) -> Tensor:
     return (p.argmax(1) == target) & (p_t - other >= margin)
 
 
+PriorFactory = Callable[[Tensor, Sequence[int]], Prior]  # (images, seeds) -> Prior, e.g. partial(INRPrior, ...)
+
+
+def make_prior(prior: str | Prior | PriorFactory, images: Tensor, seeds: Sequence[int],
+               hparams: Mapping | None = None) -> Prior:
+    """The batch's generators: ``prior`` itself (a Prior), built by a factory (what a run
+    config's ``prior.hparams`` instantiates to), or by name (+ ``hparams``; the Python API)."""
+    if isinstance(prior, Prior):
+        return prior
+    if isinstance(prior, str):
+        return build_prior(prior, images, seeds, **dict(hparams or {}))
+    return prior(images, seeds)
+
+
 def _invert(
     classifier: nn.Module,
     images: Tensor,
     targets: Tensor,
     *,
-    prior: str | Prior = "inr",
+    prior: str | Prior | PriorFactory = "inr",
     prior_hparams: Mapping | None = None,
     manifold: nn.Module | None = None,
     options: InversionOptions,
@@ -161,7 +175,7 @@ def _invert(
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    gen = prior if isinstance(prior, Prior) else build_prior(prior, images, seeds, **dict(prior_hparams or {}))
+    gen = make_prior(prior, images, seeds, prior_hparams)
     recon_psnr = gen.reconstruct(opts.recon_steps, opts.psnr_target, lr=opts.recon_lr) if opts.recon_steps \
         else torch.full((B,), float("nan"))
 
@@ -291,7 +305,7 @@ def generate_counterfactuals(
     images: Tensor,
     targets: Tensor,
     *,
-    prior: str | Prior = "inr",
+    prior: str | Prior | PriorFactory = "inr",
     prior_hparams: Mapping | None = None,
     manifold: nn.Module | None = None,
     options: InversionOptions | None = None,
@@ -308,8 +322,8 @@ def generate_counterfactuals(
     does not flip is optimised again from scratch with the paper's objective (no gate, same
     seed); ``localized[i]`` says which search the returned image came from, and ``steps``
     counts both. A query is thus never left unflipped only because its evidence is not local.
-    The fallback rebuilds the generator, so it needs ``prior`` by name; with a ``Prior`` instance
-    the gated result is returned as it is.
+    The fallback rebuilds the generator, so it needs ``prior`` by name or as a factory
+    ``(images, seeds) -> Prior``; with a ``Prior`` instance the gated result is returned as it is.
 
     ``objective``: the named, weighted terms to minimise (``disc_pl.cf.objective``); default the
     paper's objective with the coefficients of ``options`` and the ``manifold`` term.
@@ -327,7 +341,7 @@ def generate_counterfactuals(
     kwargs = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, objective=objective, on_log=on_log)
     out = _invert(classifier, images, targets, options=opts, seeds=seeds, **kwargs)
     redo = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED]
-    if not (opts.localize_grid and opts.gate_fallback and redo and isinstance(prior, str)):
+    if not (opts.localize_grid and opts.gate_fallback and redo and not isinstance(prior, Prior)):
         return out
     rows = torch.tensor(redo)
     again = _invert(classifier, images[rows.to(images.device)], targets[rows.to(targets.device)],

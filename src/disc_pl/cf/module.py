@@ -20,7 +20,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from disc_pl.cf.engine import CounterfactualBatch, InversionOptions, generate_counterfactuals
+from disc_pl.cf.engine import CounterfactualBatch, InversionOptions, PriorFactory, generate_counterfactuals
 from disc_pl.cf.results import write_part
 from disc_pl.metrics import functional as M
 
@@ -114,14 +114,14 @@ class InversionModule(pl.LightningModule):
     each batch's generators are created, fitted and discarded inside ``predict_step``.
     """
 
-    def __init__(self, classifier: nn.Module, manifold: nn.Module | None, prior: str,
-                 prior_hparams: Mapping, options: InversionOptions,
-                 class_names: Sequence[str] | None = None) -> None:
+    def __init__(self, classifier: nn.Module, manifold: nn.Module | None, prior: PriorFactory | str,
+                 options: InversionOptions, class_names: Sequence[str] | None = None,
+                 prior_name: str | None = None) -> None:
         super().__init__()
         self.classifier = classifier
         self.manifold = manifold
-        self.prior_name = prior
-        self.prior_hparams = dict(prior_hparams)
+        self.prior = prior  # the run's generator factory (images, seeds) -> Prior, built once
+        self.prior_name = prior_name or (prior if isinstance(prior, str) else getattr(prior, "func", prior).__name__)
         self.options = options
         self.class_names = list(class_names) if class_names else None
         self._log_step = 0
@@ -152,7 +152,7 @@ class InversionModule(pl.LightningModule):
         try:
             return generate_counterfactuals(
                 self.classifier, batch["image"][start:stop], batch["target"][start:stop],
-                prior=self.prior_name, prior_hparams=self.prior_hparams, manifold=self.manifold,
+                prior=self.prior, manifold=self.manifold,
                 options=self.options, seeds=seeds, on_log=self._log)
         except OOM_ERRORS as err:
             if stop - start == 1:
