@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install run test test-fast bench sweep clean
+.PHONY: install lint run test test-fast bench sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m disc_pl.run $(ARGS)
 
-## The whole test suite (slow tests included, as in CI).
-test: $(STAMP)
+## ruff (pyproject [tool.ruff]), then the whole test suite (slow tests included, as in CI).
+## DISC_PL_TEST_SEED=1 make test shifts the seed of every model the suite trains.
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+
+test: lint
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: $(STAMP)

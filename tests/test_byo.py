@@ -69,7 +69,7 @@ def _train_briefly(net, dm, steps=60):
     flip = torch.rand(len(y)) < 0.1  # label noise: some confidently wrong, some uncertain
     y = torch.where(flip, 1 - y, y)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(y), (64,))
         loss = F.cross_entropy(net((x[idx] - 0.5) / 0.25), y[idx])
         opt.zero_grad()

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 

@@ -153,7 +153,7 @@ def file_lock(path: Path, timeout_s: float = 6 * 3600, poll_s: float = 1.0,
                 path.unlink(missing_ok=True)
                 continue
             if time.monotonic() - start > timeout_s:
-                raise TimeoutError(f"waited {timeout_s:.0f} s for {path}; delete it if no training is running")
+                raise TimeoutError(f"waited {timeout_s:.0f} s for {path}; delete it if no training is running") from None
             if not announced:
                 log.info("waiting for %s (another job is training this model)", path)
                 announced = True

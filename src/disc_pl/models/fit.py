@@ -156,6 +156,6 @@ def train_model(
         resolved = {"model": model_cfg, "dataset": dataset_cfg, "trainer": trainer_cfg, "seed": int(seed)}
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_plain(resolved))))
         write_metrics(out_dir / "metrics.json", metrics)
-    return {k: v for k, v in to_plain(metrics).items()}
+    return dict(to_plain(metrics))
 
 
