@@ -19,7 +19,7 @@ from disc_pl.models.byo import (
     from_torchvision,
     save_posthoc_dep,
 )
-from disc_pl.models.cache import UnsafeCheckpointError
+from disc_pl.errors import UnsafeCheckpointError
 from disc_pl.models.fit import build_model, train_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread (conftest.py)

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from disc_pl import run as run_lib
-from disc_pl.validate import ConfigError
+from disc_pl.errors import ConfigError
 
 from conftest import TOY_MODEL, compose_cfg
 from hardening_support import entries, subprocess_env

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from disc_pl import run as run_lib
-from disc_pl.data import CorruptImageError, DatasetError, DatasetNotFoundError
-from disc_pl.validate import ConfigError, validate_run_config
+from disc_pl.errors import ConfigError, CorruptImageError, DatasetError, DatasetNotFoundError
+from disc_pl.validate import validate_run_config
 
 from fixtures_data import make_folder, write_garbage, write_truncated
 from conftest import compose_cfg

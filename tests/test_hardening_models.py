@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 
 from disc_pl import run as run_lib
 from disc_pl import train as train_lib
-from disc_pl.models.cache import UnsafeCheckpointError, model_key, model_kind
+from disc_pl.errors import ConfigError, UnsafeCheckpointError
+from disc_pl.models.cache import model_key, model_kind
 from disc_pl.models.classifier import ClassifierModule
-from disc_pl.validate import ConfigError
 
 from conftest import FAST_TV, TOY_DATA, TOY_MODEL, compose_cfg
 from hardening_support import entries

@@ -23,7 +23,7 @@ from disc_pl import run as run_lib
 from disc_pl.cf import module as module_lib
 from disc_pl.cf import results as results_lib
 from disc_pl.cf.module import query_seed
-from disc_pl.cf.results import ResultsWriteError
+from disc_pl.errors import ResultsWriteError
 from disc_pl.models.cache import ensure_model, load_classifier
 from disc_pl.models.fit import train_model
 

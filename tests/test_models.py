@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from disc_pl.data.base import ImageDataModule
-from disc_pl.models.cache import UnsafeCheckpointError, load_classifier, load_duq
+from disc_pl.errors import UnsafeCheckpointError
+from disc_pl.models.cache import load_classifier, load_duq
 from disc_pl.models.classifier import ClassifierModule, dep_ranking_loss
 from disc_pl.models.duq import DUQModule, corrupt, gradient_penalty, kernel_bce
 from conftest import TEST_SEED

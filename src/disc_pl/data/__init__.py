@@ -4,7 +4,8 @@ Every one is an :class:`ImageDataModule` (contract in docs/ARCHITECTURE.md, "Dat
 built by Hydra from ``conf/dataset/<name>.yaml``.
 """
 
-from .base import CorruptImageError, DatasetError, DatasetNotFoundError, ImageDataModule
+from disc_pl.errors import CorruptImageError, DatasetError, DatasetNotFoundError
+from .base import ImageDataModule
 from .celeba import CelebADataModule
 from .folder import FolderDataModule
 from .isic2018 import ISIC2018DataModule

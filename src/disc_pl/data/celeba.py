@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from .base import DatasetError, ImageDataModule, SPLITS, derived_seed, require_path, resolve_root
+from disc_pl.errors import DatasetError
+from .base import ImageDataModule, SPLITS, derived_seed, require_path, resolve_root
 from .imageio import file_dataset
 
 log = logging.getLogger(__name__)

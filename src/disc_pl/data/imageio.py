@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .base import CorruptImageError, DatasetError
+from disc_pl.errors import CorruptImageError, DatasetError
 
 log = logging.getLogger(__name__)
 

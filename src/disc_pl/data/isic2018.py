@@ -15,7 +15,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .base import DatasetError, ImageDataModule, derived_seed, require_path, resolve_root, stratified_holdout
+from disc_pl.errors import DatasetError
+from .base import ImageDataModule, derived_seed, require_path, resolve_root, stratified_holdout
 from .imageio import file_dataset
 
 log = logging.getLogger(__name__)
