@@ -28,7 +28,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
-class TinyNet(nn.Module):
+class _TwoConvs(nn.Module):
     """A user's classifier: expects normalised input ((x - 0.5) / 0.25)."""
 
     def __init__(self):
@@ -36,6 +36,10 @@ class TinyNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
         self.fc = nn.Linear(16, 2)
+
+
+class TinyNet(_TwoConvs):
+    """With an exported forward_features (the layer taps of a TorchScript model)."""
 
     def forward(self, x):
         return self.forward_features(x)[0]
@@ -47,14 +51,8 @@ class TinyNet(nn.Module):
         return self.fc(f2.mean(dim=(2, 3))), [f1, f2]
 
 
-class PlainNet(nn.Module):
+class PlainNet(_TwoConvs):
     """The same net without an exported forward_features."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, 2)
 
     def forward(self, x):
         return self.fc(F.relu(self.conv2(F.relu(self.conv1(x)))).mean(dim=(2, 3)))

@@ -130,13 +130,17 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
 # Keys that do not change a query's result: which queries and how many (a rerun may add some),
 # how they are batched and placed, where things are written, what is logged.
 UNSTAMPED = ("query.count", "query.indices", "query.batch_size", "query.num_workers", "dataset.num_workers", "cache_dir",
-             "threads_per_job", "experiment_name", "logger", "output", "evaluate", "hydra")
+             "threads_per_job", "experiment_name", "logger", "output", "evaluate", "cd", "hydra")
 
 
 def result_config(cfg: DictConfig) -> dict[str, Any]:
     """The flat config that determines each query's result (stamped on ``parts/``)."""
     kept = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in UNSTAMPED])  # unresolved paths stay out
-    flat = flatten(to_plain(kept))
+    try:
+        plain = to_plain(kept)
+    except Exception:  # noqa: BLE001 - an interpolation into a left-out key: stamp it as written
+        plain = OmegaConf.to_container(kept, resolve=False)
+    flat = flatten(plain)
     trainer = {f"trainer.{k}" for k in TRAINER_PRESENTATION_KEYS}
     return {k: v for k, v in flat.items()
             if k not in trainer and not any(k == u or k.startswith(u + ".") for u in UNSTAMPED)}
