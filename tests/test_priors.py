@@ -240,3 +240,24 @@ def test_configs_build(name):
     for stage in stages:
         prior.set_trainable(stage)  # every name is a group of this prior
     assert isinstance(prior, {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior}[name])
+
+
+def test_run_config_prior_is_one_factory_built_from_the_command_line():
+    """`prior.hparams.*` on the command line reaches the generator through one factory."""
+    import functools
+
+    from conftest import compose_cfg
+
+    from disc_pl.errors import ConfigError
+    from disc_pl.job import inversion_options
+    from disc_pl.validate import validate_run_config
+
+    cfg = compose_cfg(["prior=inr", "prior.hparams.hidden=32", "cache_dir=/unused"])
+    options, factory = inversion_options(cfg)
+    assert isinstance(factory, functools.partial) and factory.func is INRPrior
+    assert factory.keywords["hidden"] == 32
+    prior = factory(torch.rand(2, 3, 32, 32), [0, 1])
+    assert isinstance(prior, INRPrior) and options.stages[-1].groups == ["all"]
+    with pytest.raises(ConfigError) as info:
+        validate_run_config(compose_cfg(["prior.hparams._target_=collections.OrderedDict", "cache_dir=/unused"]))
+    assert info.value.key == "prior.hparams._target_" and "subclass of disc_pl.cf.priors.Prior" in str(info.value)
