@@ -33,6 +33,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from disc_pl.errors import UsageError
 from disc_pl.figures import save_method_grid, save_scatter
 
 PRIOR_NAMES = {"tv": "TV+L2", "dip": "DIP", "inr": "INR"}
@@ -78,7 +79,9 @@ def find_jobs(root: Path) -> list[Job]:
         rows = list(csv.DictReader(results.open())) if results.exists() else []
         jobs.append(Job(job_dir, cfg, [str(o) for o in overrides], json.loads(metrics_file.read_text()), rows))
     if not jobs:
-        raise FileNotFoundError(f"no job directory (metrics.json + .hydra/config.yaml) under {root}")
+        what = "does not exist" if not Path(root).exists() else "holds no job directory (metrics.json + .hydra/config.yaml)"
+        raise UsageError(f"{root} {what}: give a multirun directory written by disc_pl.run / disc_pl.evaluate -m, "
+                         "or one job directory")
     return jobs
 
 
@@ -247,8 +250,8 @@ def report(root: str | Path, out: str | Path | None = None, max_queries: int = 8
     """Build the report of the jobs under ``root``; returns the written files by name."""
     root = Path(root)
     out_dir = Path(out) if out is not None else root
+    methods = group_methods(find_jobs(root))  # before creating anything: a mistyped root fails clean
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = group_methods(find_jobs(root))
     stats = [method_stats(m) for m in methods]
     figures = {}
     grid = save_method_grid(out_dir / "report_grid.png", [(m.name, [j.path for j in m.jobs]) for m in methods],
@@ -280,4 +283,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from disc_pl import cli
+
+    cli.guard(main)  # a user error: its message and exit status 2

@@ -30,6 +30,7 @@ from disc_pl.cf.progress import QueryProgress
 from disc_pl.cf.results import (ensure_writable_dir, finished_query_ids, merge_parts, remove_stale_temps,
                                 write_json, write_results_table)
 from disc_pl.data.corruptions import corrupted
+from disc_pl.errors import ConfigError
 from disc_pl.models.byo import load_posthoc_dep
 from disc_pl.models.cache import ensure_model, load_classifier, load_duq
 from disc_pl.train import build_model
@@ -87,7 +88,7 @@ def build_manifold(cfg: DictConfig, classifier: torch.nn.Module) -> torch.nn.Mod
     if name == "duq":
         path = ensure_model(cfg.models.duq, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir)
         return DUQManifold(load_duq(path), margin=float(cfg.manifold.margin))
-    raise ValueError(f"manifold={name!r} is not known; use none, dep or duq")
+    raise ConfigError.one("manifold.name", name, "must be none, dep or duq (manifold=none|dep|duq)")
 
 
 def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[list[int], int, int]:
@@ -95,16 +96,16 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
     source = dm.class_index(qcfg.source if qcfg.source is not None else dm.default_query_source)
     target = dm.class_index(qcfg.target if qcfg.target is not None else dm.default_query_target)
     if source == target:
-        raise ValueError(f"query.source and query.target are both class {dm.class_names[source]!r}; "
-                         "a counterfactual needs a different target class")
+        raise ConfigError.one("query.target", qcfg.target, f"is the same class as query.source "
+                              f"({dm.class_names[source]!r}); a counterfactual needs a different target class")
     data = dm.dataset(qcfg.split)
     if qcfg.indices is not None:
         bad = [i for i in qcfg.indices if not 0 <= int(i) < len(data)]
         if bad:
-            raise ValueError(f"query.indices {bad} are outside split {qcfg.split!r} (size {len(data)})")
+            raise ConfigError.one("query.indices", bad, f"outside split {qcfg.split!r} (size {len(data)})")
         return [int(i) for i in qcfg.indices], source, target
     if int(qcfg.count) <= 0:
-        raise ValueError(f"query.count={qcfg.count} must be > 0")
+        raise ConfigError.one("query.count", qcfg.count, "must be > 0")
     chosen: list[int] = []
     candidates = [i for i in range(len(data)) if int(data[i]["label"]) == source]
     classifier.eval()
@@ -119,8 +120,9 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
         if len(chosen) >= int(qcfg.count):
             break
     if not chosen:
-        raise ValueError(f"no query of class {dm.class_names[source]!r} in split {qcfg.split!r}"
-                         + (" that the classifier predicts correctly" if qcfg.require_correct else ""))
+        raise ConfigError.one("query.source", qcfg.source, f"no query of class {dm.class_names[source]!r} in "
+                              f"split {qcfg.split!r}" + (" that the classifier predicts correctly (or set "
+                                                         "query.require_correct=false)" if qcfg.require_correct else ""))
     return chosen[: int(qcfg.count)], source, target
 
 
@@ -219,4 +221,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from disc_pl import cli
+
+    cli.hydra_entry(main)  # a user error: its message and exit status 2

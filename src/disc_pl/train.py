@@ -27,7 +27,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from disc_pl import tracking
 from disc_pl.utils import atomic_write_text, configure_matmul_precision, seed_everything, to_plain, write_metrics
-from disc_pl.validate import ConfigError, validate_train_config
+from disc_pl.data.stats import with_data_stats
+from disc_pl.validate import ConfigError, is_byo, validate_train_config
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -50,6 +51,8 @@ def data_args(datamodule: Any) -> dict[str, Any]:
 def build_model(model_cfg: DictConfig, datamodule: Any) -> Any:
     """Instantiate model_cfg (minus the recipe) with the data-dependent arguments filled in."""
     args = {k: v for k, v in to_plain(model_cfg).items() if k not in RECIPE_KEYS}
+    if not is_byo(model_cfg):  # a user's own model keeps the normalisation it was trained with
+        args = with_data_stats(args, datamodule)  # mean/std null: the training split's statistics
     try:
         return instantiate(args, **data_args(datamodule), _convert_="all")
     except InstantiationException as err:  # Hydra's wrapper shows a repr(): surface our own errors
@@ -192,4 +195,6 @@ def train_job(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from disc_pl import cli
+
+    cli.hydra_entry(main)  # a user error: its message and exit status 2

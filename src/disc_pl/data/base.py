@@ -100,6 +100,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._query_args = (default_query_source, default_query_target)
         self._class_names: list[str] | None = None
         self._splits: dict[str, Dataset] | None = None
+        self._channel_stats: tuple[list[float], list[float]] | None = None
 
     # ---- subclass hooks -------------------------------------------------------------------
     def _load_splits(self) -> tuple[list[str], dict[str, Dataset]]:
@@ -197,6 +198,16 @@ class ImageDataModule(pl.LightningDataModule):
         if text.lstrip("-").isdigit():
             return self.class_index(int(text))
         raise ValueError(f"unknown class {name_or_index!r} for dataset {self.name!r}; {valid}")
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, std) of the training split's pixels, computed once per datamodule:
+        the input normalisation of a model whose yaml leaves mean / std null
+        (:mod:`disc_pl.data.stats`)."""
+        if self._channel_stats is None:
+            from disc_pl.data.stats import channel_stats
+
+            self._channel_stats = channel_stats(self.dataset("train"), num_workers=self.num_workers)
+        return self._channel_stats
 
     def ground_truth(self, split: str, indices: Sequence[int] | torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
