@@ -35,7 +35,7 @@ from disc_pl.models.byo import load_posthoc_dep
 from disc_pl.models.cache import ensure_model, load_classifier, load_duq
 from disc_pl.train import build_model
 from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
-from disc_pl.viz import save_grid
+from disc_pl.viz import captions_from_rows, save_grid
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -201,8 +201,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     if keep.any():
         ids = tensors["query_id"][keep].tolist()
         gt = dm.ground_truth(cfg.query.split, ids)[0] if dm.has_ground_truth else None
+        probs, verdicts = captions_from_rows(rows, ids)  # under each counterfactual
         save_grid(out_dir / "grid.png", tensors["query"][keep], tensors["counterfactual"][keep], gt,
-                  max_rows=int(cfg.output.grid_max))
+                  max_rows=int(cfg.output.grid_max), target_prob=probs, verdict=verdicts)
     metrics = summarize(rows)
     write_json(out_dir / "metrics.json", metrics)
     if logger is not None:
