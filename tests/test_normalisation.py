@@ -79,7 +79,7 @@ def test_grayscale_folder_runs_with_no_normalisation_flag(tmp_path):
     write_gray_folder(root)
     toy = ["dataset.image_size=8", "dataset.num_workers=0", "dataset.batch_size=8", "models.classifier.width=8",
            "models.classifier.fit.trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
-           "prior=tv", "inversion.steps_per_stage=4", "inversion.min_steps=1", "query.count=2",
+           "prior=tv", "inversion.steps_per_stage=4", "inversion.min_steps=1", "query.split=train", "query.count=2",
            "query.require_correct=false"]
     proc = subprocess.run([sys.executable, "-m", "disc_pl.run", "dataset=folder", f"dataset.root={root}",
                            "dataset.channels=1", *toy, f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'out'}"],
