@@ -59,7 +59,7 @@ CASES = [
     ("corrupt_image", "run", FOLDER, "corrupt", ["cannot read image file", "img_bad.png", "dataset.skip_corrupt=true"]),
     ("unknown_class", "run", [*FOLDER, "query.source=zebra"], "ok", ["query.source='zebra'", "cat", "dog"]),
     ("equal_classes", "run", [*FOLDER, "query.source=cat", "query.target=cat"], "ok",
-     ["query.target='cat'", "same class as query.source"]),
+     ["query.target='cat'", "must differ from query.source='cat'"]),
     ("train_bad_width", "train", ["model.width=0"], None, ["model.width=0"]),
     ("evaluate_typo", "evaluate", ["cd.n_per_clas=3"], None, ["Could not override 'cd.n_per_clas'"]),
     ("evaluate_nothing_to_do", "evaluate", ["evaluate.queries=false", "cd.enabled=false"], None,

@@ -56,8 +56,8 @@ def write_job(job: Path, prior: str, mse: list[float], status: list[str], judge:
 @pytest.fixture
 def sweep(tmp_path) -> Path:
     root = tmp_path / "multirun"
-    write_job(root / "0", "tv", [0.3, 0.3, 0.3], ["flipped", "flipped", "not_flipped"], judge=["valid", "valid", "invalid"],
-              delta=0.4)
+    write_job(root / "0", "tv", [0.3, 0.3, 0.3], ["flipped", "flipped", "not_flipped"],
+              judge=["valid", "valid", "invalid"], delta=0.4)
     write_job(root / "1", "inr", [0.01, 0.02, 0.03], ["flipped", "diverged", "flipped"], delta=0.05)
     return root
 

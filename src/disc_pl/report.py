@@ -82,7 +82,8 @@ def find_jobs(root: Path) -> list[Job]:
         rows = list(csv.DictReader(results.open())) if results.exists() else []
         jobs.append(Job(job_dir, cfg, [str(o) for o in overrides], json.loads(metrics_file.read_text()), rows))
     if not jobs:
-        what = "does not exist" if not Path(root).exists() else "holds no job directory (metrics.json + .hydra/config.yaml)"
+        what = ("does not exist" if not Path(root).exists()
+                else "holds no job directory (metrics.json + .hydra/config.yaml)")
         raise UsageError(f"{root} {what}: give a multirun directory written by disc_pl.run / disc_pl.evaluate -m, "
                          "or one job directory")
     return jobs

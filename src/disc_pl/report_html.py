@@ -54,7 +54,8 @@ def _number(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def table_columns(stats: Sequence[Mapping[str, Any]], preferred: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+def table_columns(stats: Sequence[Mapping[str, Any]],
+                  preferred: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """(header, key) of every figure in any row: ``preferred`` first (in their order, if any
     row has them), then every other numeric or (mean, std) key that some row has a value for,
     in first-seen order."""
@@ -189,7 +190,8 @@ window.sortTable = function (key, descending) {
   return true;
 };
 window.applyFilters = function () {
-  const on = new Set(Array.from(document.querySelectorAll('#filters input:checked')).map(function (i) { return i.value; }));
+  const checked = document.querySelectorAll('#filters input:checked');
+  const on = new Set(Array.from(checked).map(function (i) { return i.value; }));
   document.querySelectorAll('#queries tbody tr').forEach(function (row) {
     let any = false;
     row.querySelectorAll('td.cf').forEach(function (td) {

@@ -120,9 +120,9 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
         if len(chosen) >= int(qcfg.count):
             break
     if not chosen:
+        correct = " that the classifier predicts correctly (or set query.require_correct=false)"
         raise ConfigError.one("query.source", qcfg.source, f"no query of class {dm.class_names[source]!r} in "
-                              f"split {qcfg.split!r}" + (" that the classifier predicts correctly (or set "
-                                                         "query.require_correct=false)" if qcfg.require_correct else ""))
+                              f"split {qcfg.split!r}" + (correct if qcfg.require_correct else ""))
     return chosen[: int(qcfg.count)], source, target
 
 

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from disc_pl.errors import CorruptImageError, DatasetError, DatasetNotFoundError  # noqa: F401 (re-exported)
+from disc_pl.errors import ConfigError, CorruptImageError, DatasetError, DatasetNotFoundError  # noqa: F401 (re-exported)
 
 SPLITS = ("train", "val", "test")
 
@@ -89,9 +89,9 @@ class ImageDataModule(pl.LightningDataModule):
                  default_query_target: str | int | None = None, channels: int = 3) -> None:
         super().__init__()
         if int(image_size) < 8:
-            raise ValueError(f"dataset.image_size={image_size} is too small (need >= 8)")
+            raise ConfigError.one("dataset.image_size", image_size, "is too small (need >= 8)")
         if int(channels) not in (1, 3):
-            raise ValueError(f"dataset.channels={channels} must be 1 (grayscale) or 3 (RGB)")
+            raise ConfigError.one("dataset.channels", channels, "must be 1 (grayscale) or 3 (RGB)")
         self.name = str(name)
         self.image_size = int(image_size)
         self.channels = int(channels)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 # A channel that is constant over the training split has std 0; its normalised value is 0 for
