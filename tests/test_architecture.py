@@ -10,12 +10,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "disc_pl"
 # Lowest first. A module may import its own layer (without a circle) and the layers below.
 LAYERS = [
     {"errors", "utils"},
-    {"nets", "data", "metrics", "tracking", "viz", "figures"},
+    {"nets", "data", "metrics", "tracking", "viz", "figures", "report_html"},
     {"cf"},
     {"models"},
     {"validate"},
     {"job"},
-    {"run", "train", "evaluate", "report", "bench"},
+    {"run", "train", "evaluate", "report", "bench", "cli"},
 ]
 
 

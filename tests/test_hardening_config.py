@@ -126,7 +126,7 @@ def test_cli_shows_the_message_and_exits_nonzero(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "disc_pl.run", "query.count=abc", f"cache_dir={cache}",
                            f"hydra.run.dir={tmp_path / 'out'}", "logger=none"],
                           capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user error: one message, usage status
     assert "invalid config: query.count='abc': must be an integer >= 1" in proc.stderr
     assert entries(cache) == []
 

@@ -43,7 +43,7 @@ def test_missing_root_on_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "disc_pl.run", *FOLDER, f"dataset.root={tmp_path / 'absent'}",
                            f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'out'}"],
                           capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user error: one message, usage status
     assert f"image folder not found: {tmp_path / 'absent'}" in proc.stderr
     assert entries(tmp_path / "cache") == []
 
@@ -77,9 +77,12 @@ def test_corrupt_image_names_the_file_and_leaves_no_half_model(tmp_path, write_b
     assert entries(tmp_path / "cache") == []  # the interrupted training left nothing behind
 
 
-def test_grayscale_data_with_the_rgb_model_config_fails_before_the_data_is_read(tmp_path):
+def test_grayscale_data_with_an_rgb_normalisation_fails_before_the_data_is_read(tmp_path):
+    """mean/std follow the data by default (null); an explicit RGB triple on gray data is refused."""
+    validate_run_config(compose_cfg([*FOLDER, "dataset.channels=1", "cache_dir=/unused"]))  # the default works
     with pytest.raises(ConfigError) as info:
-        run_folder(tmp_path, tmp_path / "not-read", "dataset.channels=1")
+        run_folder(tmp_path, tmp_path / "not-read", "dataset.channels=1", "models.classifier.mean=[0.5,0.5,0.5]",
+                   "models.classifier.std=[0.25,0.25,0.25]")
     err = info.value
     assert [p.key for p in err.problems] == ["models.classifier.mean", "models.classifier.std"]
     assert "models.classifier.mean=[0.5, 0.5, 0.5]: must be a list of 1 number (grayscale) for " \

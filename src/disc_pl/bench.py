@@ -65,7 +65,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sequential-queries", type=int, default=None, help="default 32")
     p.add_argument("--checkpoint", default=None, help="a trained classifier (model.ckpt) instead of a fresh one")
     p.add_argument("overrides", nargs="*", help="run-config overrides, e.g. localize=none prior.hparams.hidden=256")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        from disc_pl.errors import UsageError
+
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file; give a model.ckpt written by disc_pl.train "
+                         "(or leave --checkpoint out for a fresh classifier)")
+    return args
 
 
 # -- timing helpers ----------------------------------------------------------------------------
@@ -392,4 +398,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from disc_pl import cli
+
+    cli.guard(main)  # a user error: its message and exit status 2

@@ -92,3 +92,7 @@ class ResultsWriteError(UserError, OSError):
 
 class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint holds pickled objects other than tensors and plain values: not loaded."""
+
+
+class UsageError(UserError, ValueError):
+    """A command-line argument or input path of a tool (report, bench) cannot be used."""

@@ -29,13 +29,15 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from disc_pl import job as run_lib  # the generation job (library), run.run's body
 from disc_pl import tracking
 from disc_pl.cf.results import write_json
+from disc_pl.data.stats import with_data_stats
+from disc_pl.errors import ConfigError
 from disc_pl.metrics.discrepancy import TrainFn, classifier_discrepancy
 from disc_pl.utils import CONF_DIR
 
@@ -108,10 +110,12 @@ def classifier_discrepancy_job(cfg: DictConfig, out_dir: Path) -> tuple[dict[str
     train, test = dm.dataset("train"), dm.dataset("test")
     n = int(ccfg.n_per_class)
     if n <= 0:
-        raise ValueError(f"cd.n_per_class={n} must be > 0")
+        raise ConfigError.one("cd.n_per_class", n, "must be > 0")
     idx0, idx1 = first_of_class(train, source, n), first_of_class(train, target, n)
     if not idx0 or not idx1:
-        raise ValueError(f"the training split has no image of class {dm.class_names[source if not idx0 else target]!r}")
+        key = "query.source" if not idx0 else "query.target"
+        raise ConfigError.one(key, dm.class_names[source if not idx0 else target],
+                              "the training split has no image of this class; CD needs some (choose another class)")
 
     # X1': the same engine path as the run job, persisted and resumable under cd/.
     generated = run_lib.run(cd_generation_config(cfg, idx0, source, target), out_dir)
@@ -126,7 +130,9 @@ def classifier_discrepancy_job(cfg: DictConfig, out_dir: Path) -> tuple[dict[str
     x_test = stack_images(test, test_idx)
     y_test = (split_labels(test)[test_idx] == target).long()  # source -> 0, target -> 1
 
-    train_fn = memoized(instantiate(ccfg.recipe))
+    # mean/std null (they follow models.classifier): the training split's, the same for F and F_cf
+    recipe = with_data_stats(OmegaConf.to_container(ccfg.recipe, resolve=True), dm)
+    train_fn = memoized(instantiate(recipe))
     seeds = [int(s) for s in ccfg.seeds]
     result = classifier_discrepancy(train_fn, x0, x1, x1_cf, x_test, y_test, seeds=seeds)
     metrics: dict[str, Any] = {
@@ -155,7 +161,8 @@ def classifier_discrepancy_job(cfg: DictConfig, out_dir: Path) -> tuple[dict[str
 def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
     if not (cfg.evaluate.queries or cfg.cd.enabled):
-        raise ValueError("evaluate.queries=false and cd.enabled=false: nothing to evaluate")
+        raise ConfigError.one("cd.enabled", False, "nothing to evaluate with evaluate.queries=false too; "
+                              "set cd.enabled=true or evaluate.queries=true")
     metrics: dict[str, Any] = {}
     if cfg.evaluate.queries:
         metrics.update(run_lib.run(cfg, out_dir))
@@ -177,4 +184,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from disc_pl import cli
+
+    cli.hydra_entry(main)  # a user error: its message and exit status 2

@@ -2,39 +2,32 @@
 
 - ``save_method_grid``: the same queries (rows) through every method (columns): query |
   method 1 counterfactual, change heatmap | method 2 ... Methods whose query differs from the
-  first one (a corrupted query, Figure 8) also show their own query.
+  first one (a corrupted query, Figure 8) also show their own query. One change scale for the
+  whole grid (colour bar with its maximum); target probability under each counterfactual.
 - ``save_scatter``: per-query MSE vs concentration, one colour per method, the method mean as
   a large marker (the paper's "large MSE, low concentration" trade-off, section 5).
 """
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from disc_pl.viz import heatmap
+from disc_pl.viz import (CAPTION_H, caption, captions_from_rows, change, colormap, colour_bar, to_pil,
+                         upscale_factor)
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-TILE = 96  # pixels per image tile (small images are upscaled, nearest neighbour)
 PAD = 4
 
 
 def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
-
-
-def _to_pil(x: Tensor) -> Image.Image:
-    """``[C, H, W]`` in [0, 1] -> RGB PIL image of TILE x TILE."""
-    x = x.float().clamp(0, 1)
-    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
-    x = F.interpolate(x[None], size=(TILE, TILE), mode="nearest")[0]
-    return Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy(), "RGB")
 
 
 def load_counterfactuals(job_dirs: Sequence[Path]) -> dict[int, tuple[Tensor, Tensor]]:
@@ -50,38 +43,65 @@ def load_counterfactuals(job_dirs: Sequence[Path]) -> dict[int, tuple[Tensor, Te
     return out
 
 
+def load_rows(job_dirs: Sequence[Path]) -> list[dict[str, str]]:
+    """The jobs' results.csv rows (first job wins per query id)."""
+    rows: dict[int, dict[str, str]] = {}
+    for job in job_dirs:
+        path = Path(job) / "results.csv"
+        if path.exists():
+            for r in csv.DictReader(path.open()):
+                rows.setdefault(int(r["query_id"]), r)
+    return list(rows.values())
+
+
 def save_method_grid(path: Path, methods: Sequence[tuple[str, Sequence[Path]]], max_queries: int = 8) -> Path | None:
-    """Grid of the first ``max_queries`` query ids common to every method; None if none is."""
-    per_method = [(name, load_counterfactuals(dirs)) for name, dirs in methods]
-    per_method = [(n, cfs) for n, cfs in per_method if cfs]
+    """Grid of the first ``max_queries`` query ids common to every method; None if none is.
+    Every change heatmap shares one scale (the largest change in the grid, on the colour bar);
+    each counterfactual has its target probability (and judge verdict, if any) under it."""
+    per_method = [(name, load_counterfactuals(dirs), load_rows(dirs)) for name, dirs in methods]
+    per_method = [(n, cfs, rows) for n, cfs, rows in per_method if cfs]
     if not per_method:
         return None
-    common = sorted(set.intersection(*(set(cfs) for _, cfs in per_method)))[:max_queries]
+    common = sorted(set.intersection(*(set(cfs) for _, cfs, _ in per_method)))[:max_queries]
     if not common:
         return None
     reference = per_method[0][1]
+    captions = [captions_from_rows(rows, common) for _, _, rows in per_method]
+    vmax = max(float(change(cfs[q][0][None], cfs[q][1][None]).max()) for _, cfs, _ in per_method for q in common)
     # Column plan: (header, kind, method index); "query" columns show that method's query.
     columns: list[tuple[str, str, int]] = [("query", "query", 0)]
-    for m, (name, cfs) in enumerate(per_method):
+    for m, (name, cfs, _) in enumerate(per_method):
         own_query = m > 0 and any(not torch.equal(cfs[q][0], reference[q][0]) for q in common)
         if own_query:
             columns.append(("query", "query", m))
         columns += [(name, "cf", m), ("change", "change", m)]
-    header_h = 28
-    width = len(columns) * (TILE + PAD) + PAD
-    height = header_h + len(common) * (TILE + PAD) + PAD
+    side = upscale_factor(max(reference[common[0]][0].shape[-2:])) * max(reference[common[0]][0].shape[-2:])
+    header_h, row_h = 28, side + CAPTION_H + PAD
+    bar = colour_bar(max(80, min(len(common) * row_h, 3 * row_h)), vmax)
+    width = len(columns) * (side + PAD) + PAD + bar.width + PAD
+    height = header_h + max(len(common) * row_h, bar.height) + PAD
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font()
     for c, (title, kind, m) in enumerate(columns):
-        x0 = PAD + c * (TILE + PAD)
+        x0 = PAD + c * (side + PAD)
         # Method names can be wider than a tile: the cf + change pair shares one header.
         if kind != "change":
             draw.text((x0, 4 if kind == "cf" else 14), title, fill="black", font=font)
         for r, q in enumerate(common):
             query, cf = per_method[m][1][q]
-            tile = query if kind == "query" else cf if kind == "cf" else heatmap((cf - query)[None])[0]
-            canvas.paste(_to_pil(tile), (x0, header_h + PAD + r * (TILE + PAD)))
+            if kind == "change":
+                tile = colormap(change(query[None], cf[None]) / max(vmax, 1e-8))[0]
+            else:
+                tile = query if kind == "query" else cf
+            y0 = header_h + PAD + r * row_h
+            canvas.paste(to_pil(tile).resize((side, side), Image.NEAREST), (x0, y0))
+            if kind == "cf":
+                probs, verdicts = captions[m]
+                text = caption(probs[r], verdicts[r] if verdicts is not None else None)
+                for k, line in enumerate(text):
+                    draw.text((x0, y0 + side + 2 + 11 * k), line, fill="black", font=font)
+    canvas.paste(bar, (PAD + len(columns) * (side + PAD), header_h + PAD))
     canvas.save(path)
     return Path(path)
 

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from disc_pl import tracking
+from disc_pl.errors import ConfigError
 from disc_pl.cf.engine import InversionOptions, Stage
 from disc_pl.cf.losses import DEPManifold, DUQManifold
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
@@ -36,7 +37,7 @@ from disc_pl.models.fit import build_model, train_model
 from disc_pl.models.loading import load_classifier, load_duq
 from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
 from disc_pl.utils import to_plain
-from disc_pl.viz import save_grid
+from disc_pl.viz import captions_from_rows, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def build_manifold(cfg: DictConfig, classifier: torch.nn.Module) -> torch.nn.Mod
     if name == "duq":
         path = ensure_model(cfg.models.duq, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir, train_fn=train_model)
         return DUQManifold(load_duq(path), margin=float(cfg.manifold.margin))
-    raise ValueError(f"manifold={name!r} is not known; use none, dep or duq")
+    raise ConfigError.one("manifold.name", name, "must be none, dep or duq (manifold=none|dep|duq)")
 
 
 def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[list[int], int, int]:
@@ -98,16 +99,16 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
     source = dm.class_index(qcfg.source if qcfg.source is not None else dm.default_query_source)
     target = dm.class_index(qcfg.target if qcfg.target is not None else dm.default_query_target)
     if source == target:
-        raise ValueError(f"query.source and query.target are both class {dm.class_names[source]!r}; "
-                         "a counterfactual needs a different target class")
+        raise ConfigError.one("query.target", qcfg.target, f"is the same class as query.source "
+                              f"({dm.class_names[source]!r}); a counterfactual needs a different target class")
     data = dm.dataset(qcfg.split)
     if qcfg.indices is not None:
         bad = [i for i in qcfg.indices if not 0 <= int(i) < len(data)]
         if bad:
-            raise ValueError(f"query.indices {bad} are outside split {qcfg.split!r} (size {len(data)})")
+            raise ConfigError.one("query.indices", bad, f"outside split {qcfg.split!r} (size {len(data)})")
         return [int(i) for i in qcfg.indices], source, target
     if int(qcfg.count) <= 0:
-        raise ValueError(f"query.count={qcfg.count} must be > 0")
+        raise ConfigError.one("query.count", qcfg.count, "must be > 0")
     chosen: list[int] = []
     candidates = [i for i in range(len(data)) if int(data[i]["label"]) == source]
     classifier.eval()
@@ -122,8 +123,9 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
         if len(chosen) >= int(qcfg.count):
             break
     if not chosen:
-        raise ValueError(f"no query of class {dm.class_names[source]!r} in split {qcfg.split!r}"
-                         + (" that the classifier predicts correctly" if qcfg.require_correct else ""))
+        correct = " that the classifier predicts correctly (or set query.require_correct=false)"
+        raise ConfigError.one("query.source", qcfg.source, f"no query of class {dm.class_names[source]!r} in "
+                              f"split {qcfg.split!r}" + (correct if qcfg.require_correct else ""))
     return chosen[: int(qcfg.count)], source, target
 
 
@@ -234,8 +236,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     if keep.any():
         ids = tensors["query_id"][keep].tolist()
         gt = dm.ground_truth(cfg.query.split, ids)[0] if dm.has_ground_truth else None
+        probs, verdicts = captions_from_rows(rows, ids)  # under each counterfactual
         save_grid(out_dir / "grid.png", tensors["query"][keep], tensors["counterfactual"][keep], gt,
-                  max_rows=int(cfg.output.grid_max))
+                  max_rows=int(cfg.output.grid_max), target_prob=probs, verdict=verdicts)
     metrics = summarize(rows)
     write_json(out_dir / "metrics.json", metrics)
     if logger is not None:

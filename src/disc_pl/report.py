@@ -13,7 +13,9 @@ Per method (mean ± population std):
 - CD: over seeds (``cd/per_seed`` of the jobs' metrics.json; one job: its ``cd/mean``, ``cd/std``);
   the reference CDs (ground-truth counterfactuals, identity) go to the CSV and under the table.
 
-Writes into ``--out`` (default: the multirun dir): ``report.md``, ``report.csv``,
+Writes into ``--out`` (default: the multirun dir): ``report.md``, ``report.csv``, ``report.html``
+(a static page: sortable method table, every method's counterfactuals side by side per query,
+filters by status; see :mod:`disc_pl.report_html`),
 ``report_grid.png`` (the same queries, one column pair counterfactual | change per method) and
 ``report_scatter.png`` (MSE vs concentration, one colour per method). ``--wandb`` also logs the
 table and figures to a W&B run (offline unless ``--wandb-mode online``).
@@ -33,7 +35,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from disc_pl.errors import UsageError
 from disc_pl.figures import save_method_grid, save_scatter
+from disc_pl.report_html import write_html
 
 PRIOR_NAMES = {"tv": "TV+L2", "dip": "DIP", "inr": "INR"}
 # Sort order of the table rows: the paper's (ISO before LSO, weak prior first, DEP last).
@@ -78,7 +82,10 @@ def find_jobs(root: Path) -> list[Job]:
         rows = list(csv.DictReader(results.open())) if results.exists() else []
         jobs.append(Job(job_dir, cfg, [str(o) for o in overrides], json.loads(metrics_file.read_text()), rows))
     if not jobs:
-        raise FileNotFoundError(f"no job directory (metrics.json + .hydra/config.yaml) under {root}")
+        what = ("does not exist" if not Path(root).exists()
+                else "holds no job directory (metrics.json + .hydra/config.yaml)")
+        raise UsageError(f"{root} {what}: give a multirun directory written by disc_pl.run / disc_pl.evaluate -m, "
+                         "or one job directory")
     return jobs
 
 
@@ -247,8 +254,8 @@ def report(root: str | Path, out: str | Path | None = None, max_queries: int = 8
     """Build the report of the jobs under ``root``; returns the written files by name."""
     root = Path(root)
     out_dir = Path(out) if out is not None else root
+    methods = group_methods(find_jobs(root))  # before creating anything: a mistyped root fails clean
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = group_methods(find_jobs(root))
     stats = [method_stats(m) for m in methods]
     figures = {}
     grid = save_method_grid(out_dir / "report_grid.png", [(m.name, [j.path for j in m.jobs]) for m in methods],
@@ -260,9 +267,12 @@ def report(root: str | Path, out: str | Path | None = None, max_queries: int = 8
     figures["scatter"] = save_scatter(out_dir / "report_scatter.png", points)
     write_markdown(out_dir / "report.md", root, stats, figures)
     write_csv(out_dir / "report.csv", stats)
+    figures_html = {"html": write_html(out_dir / "report.html", f"Report: {root}", stats,
+                                       [(m.name, [j.path for j in m.jobs]) for m in methods],
+                                       preferred=[*COLUMNS, ("jobs", "jobs"), ("queries", "queries")])}
     if wandb_project is not None:
         log_wandb(out_dir, methods, stats, figures, wandb_project, wandb_mode)
-    return {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", **figures}
+    return {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", **figures, **figures_html}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -280,4 +290,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from disc_pl import cli
+
+    cli.guard(main)  # a user error: its message and exit status 2

@@ -19,4 +19,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from disc_pl import cli
+
+    cli.hydra_entry(main)  # a user error: its message and exit status 2

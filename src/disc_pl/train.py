@@ -48,4 +48,6 @@ def train_job(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from disc_pl import cli
+
+    cli.hydra_entry(main)  # a user error: its message and exit status 2

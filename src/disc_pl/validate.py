@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from disc_pl import utils
 from disc_pl.cf.priors import DIPPrior, Prior, _max_dip_scales
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
+from disc_pl.models.byo import is_byo  # noqa: F401 (re-exported)
 from disc_pl.models.fit import RECIPE_KEYS
 
 CONF_DIR = Path(utils.CONF_DIR)
@@ -239,10 +240,6 @@ def _check_dataset(ch: _Checks) -> None:
 def dataset_channels(cfg: DictConfig) -> int:
     value = OmegaConf.select(cfg, "dataset.channels", default=3)
     return value if _is_int(value) else 3
-
-
-def is_byo(node: Any) -> bool:
-    return isinstance(node, DictConfig) and (node.get("name") == "byo" or str(node.get("_target_", "")).endswith("load_byo"))
 
 
 def _check_model(ch: _Checks, key: str) -> None:

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from disc_pl.errors import CorruptImageError, DatasetError, DatasetNotFoundError  # noqa: F401 (re-exported)
+from disc_pl.errors import ConfigError, CorruptImageError, DatasetError, DatasetNotFoundError  # noqa: F401 (re-exported)
 
 SPLITS = ("train", "val", "test")
 
@@ -89,9 +89,9 @@ class ImageDataModule(pl.LightningDataModule):
                  default_query_target: str | int | None = None, channels: int = 3) -> None:
         super().__init__()
         if int(image_size) < 8:
-            raise ValueError(f"dataset.image_size={image_size} is too small (need >= 8)")
+            raise ConfigError.one("dataset.image_size", image_size, "is too small (need >= 8)")
         if int(channels) not in (1, 3):
-            raise ValueError(f"dataset.channels={channels} must be 1 (grayscale) or 3 (RGB)")
+            raise ConfigError.one("dataset.channels", channels, "must be 1 (grayscale) or 3 (RGB)")
         self.name = str(name)
         self.image_size = int(image_size)
         self.channels = int(channels)
@@ -100,6 +100,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._query_args = (default_query_source, default_query_target)
         self._class_names: list[str] | None = None
         self._splits: dict[str, Dataset] | None = None
+        self._channel_stats: tuple[list[float], list[float]] | None = None
 
     # ---- subclass hooks -------------------------------------------------------------------
     def _load_splits(self) -> tuple[list[str], dict[str, Dataset]]:
@@ -197,6 +198,16 @@ class ImageDataModule(pl.LightningDataModule):
         if text.lstrip("-").isdigit():
             return self.class_index(int(text))
         raise ValueError(f"unknown class {name_or_index!r} for dataset {self.name!r}; {valid}")
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, std) of the training split's pixels, computed once per datamodule:
+        the input normalisation of a model whose yaml leaves mean / std null
+        (:mod:`disc_pl.data.stats`)."""
+        if self._channel_stats is None:
+            from disc_pl.data.stats import channel_stats
+
+            self._channel_stats = channel_stats(self.dataset("train"), num_workers=self.num_workers)
+        return self._channel_stats
 
     def ground_truth(self, split: str, indices: Sequence[int] | torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from disc_pl.errors import DatasetError
+from disc_pl.errors import ConfigError, DatasetError
+
 from .base import ImageDataModule, SPLITS, derived_seed, require_path, resolve_root
 from .imageio import file_dataset
 
@@ -88,7 +89,7 @@ class CelebADataModule(ImageDataModule):
                          default_query_target, channels=3)
         self.save_hyperparameters()
         if max_per_split is not None and int(max_per_split) < 1:
-            raise ValueError(f"dataset.max_per_split={max_per_split} must be >= 1 or null")
+            raise ConfigError.one("dataset.max_per_split", max_per_split, "must be >= 1 or null")
         self.root = resolve_root(root)
         self.attribute = str(attribute)
         self.crop_size = int(crop_size)

@@ -28,6 +28,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from disc_pl.errors import ConfigError
+
 SEVERITIES = 5
 _NOISE_STD = (0.03, 0.06, 0.09, 0.12, 0.15)
 _BLUR_SIGMA_32PX = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -83,10 +85,9 @@ def check_corruption(name: str | None, severity: int) -> None:
     if name is None:
         return
     if name not in CORRUPTIONS:
-        raise ValueError(f"query.corruption.name={name!r} is not known; use null or one of "
-                         f"{sorted(CORRUPTIONS)}")
+        raise ConfigError.one("query.corruption.name", name, f"is not known; use null or one of {sorted(CORRUPTIONS)}")
     if not 0 <= int(severity) <= SEVERITIES:
-        raise ValueError(f"query.corruption.severity={severity} must be in 0..{SEVERITIES}")
+        raise ConfigError.one("query.corruption.severity", severity, f"must be in 0..{SEVERITIES}")
 
 
 def corrupt(x: Tensor, name: str | None, severity: int, seed: int = 0) -> Tensor:

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from disc_pl.errors import ConfigError
+
 from .base import ImageDataModule, as_index_tensor, derived_seed
 
 #: Bump when the renderer changes, so cached models trained on older faces are not reused.
@@ -312,9 +314,10 @@ class SyntheticFacesDataModule(ImageDataModule):
         self.save_hyperparameters()
         sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
         if min(sizes.values()) < 2:
-            raise ValueError(f"synthetic_faces split sizes must be >= 2, got {sizes}")
+            raise ConfigError.one("dataset.n_" + min(sizes, key=sizes.get), min(sizes.values()),
+                                  f"synthetic_faces split sizes must be >= 2 (got {sizes})")
         if not 0.0 <= hard_fraction <= 1.0:
-            raise ValueError(f"dataset.hard_fraction={hard_fraction} must be in [0, 1]")
+            raise ConfigError.one("dataset.hard_fraction", hard_fraction, "must be in [0, 1]")
         self.sizes, self.seed = sizes, int(seed)
         self.hard_fraction, self.mask_dilation = float(hard_fraction), int(mask_dilation)
         self._class_names = list(CLASS_NAMES)  # known before setup

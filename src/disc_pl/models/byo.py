@@ -35,6 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.functional import spearman_corrcoef
 
+from omegaconf import DictConfig
+
 from disc_pl.errors import ConfigError
 from disc_pl.models.loading import safe_load
 from disc_pl.models.classifier import dep_ranking_loss
@@ -323,3 +325,9 @@ def load_posthoc_dep(wrapper: BYOClassifier, path: str | os.PathLike) -> BYOClas
     wrapper.loss_predictor = predictor.eval().requires_grad_(False).to(wrapper.mean.device)
     wrapper.dep_target.fill_(float(payload["dep_target"]))
     return wrapper
+
+
+def is_byo(node: Any) -> bool:
+    """A model config node that names a bring-your-own classifier (``model=byo``)."""
+    return isinstance(node, DictConfig) and (node.get("name") == "byo"
+                                             or str(node.get("_target_", "")).endswith("load_byo"))

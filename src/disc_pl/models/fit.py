@@ -26,7 +26,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from disc_pl import tracking
 from disc_pl.errors import ConfigError, UnsafeCheckpointError
-from disc_pl.models.byo import fit_posthoc_dep, save_posthoc_dep
+from disc_pl.data.stats import with_data_stats
+from disc_pl.models.byo import fit_posthoc_dep, is_byo, save_posthoc_dep
 from disc_pl.utils import atomic_write_text, seed_everything, to_plain, write_metrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def data_args(datamodule: Any) -> dict[str, Any]:
 def build_model(model_cfg: DictConfig, datamodule: Any) -> Any:
     """Instantiate model_cfg (minus the recipe) with the data-dependent arguments filled in."""
     args = {k: v for k, v in to_plain(model_cfg).items() if k not in RECIPE_KEYS}
+    if not is_byo(model_cfg):  # a user's own model keeps the normalisation it was trained with
+        args = with_data_stats(args, datamodule)  # mean/std null: the training split's statistics
     try:
         return instantiate(args, **data_args(datamodule), _convert_="all")
     except InstantiationException as err:  # Hydra's wrapper shows a repr(): surface our own errors

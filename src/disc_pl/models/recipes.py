@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from disc_pl.cf.results import atomic_torch_save
+from disc_pl.errors import ConfigError
 from disc_pl.metrics.discrepancy import TrainFn
 from disc_pl.nets.resnet import ResNet18
 from disc_pl.nets.small_cnn import SmallCNN
@@ -69,8 +70,9 @@ def make_resnet_trainer(width: int = 8, epochs: int = 30, lr: float = 3e-3, batc
 def _trainer(build: Builder, recipe: dict[str, Any], epochs: int, lr: float, batch_size: int,
              weight_decay: float, hflip: bool, max_shift: int, device: str, cache_dir: str | None) -> TrainFn:
     if epochs <= 0 or batch_size <= 0 or lr <= 0 or max_shift < 0:
-        raise ValueError(f"cd.recipe needs epochs, batch_size, lr > 0 and max_shift >= 0 "
-                         f"(got {epochs}, {batch_size}, {lr}, {max_shift})")
+        raise ConfigError.one("cd.recipe", {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                            "max_shift": max_shift},
+                              "needs epochs, batch_size, lr > 0 and max_shift >= 0")
     recipe = {**recipe, "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
               "hflip": hflip, "max_shift": max_shift}
     recipe = json.loads(json.dumps(recipe, default=list))  # plain values (ListConfig -> list)
