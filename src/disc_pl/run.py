@@ -33,6 +33,7 @@ from disc_pl.data.corruptions import corrupted
 from disc_pl.models.byo import load_posthoc_dep
 from disc_pl.models.cache import ensure_model, load_classifier, load_duq
 from disc_pl.train import build_model
+from disc_pl.validity import add_validity
 from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
 from disc_pl.viz import save_grid
 
@@ -137,7 +138,7 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     if flipped:
         out["cf/localized_rate"] = sum(r["localized"] for r in flipped) / len(flipped)
     for key in ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob",
-                "initial_prob", "steps", "seconds", "recon_psnr"):
+                "initial_prob", "steps", "seconds", "recon_psnr", "cout", "gt_recovery"):
         vals = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
         if vals:
             out[f"cf/{key}"] = statistics.fmean(vals)
@@ -192,6 +193,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
 
     rows, tensors = merge_parts(out_dir)
     rows = [r for r in rows if r["query_id"] in set(indices)]
+    validity_metrics = add_validity(cfg, dm, classifier, rows, tensors, indices, target,
+                                    byo=is_byo(cfg.models.classifier))  # judges, COUT, references (new columns)
     write_results_table(out_dir / "results.csv", rows)
     keep = torch.isin(tensors["query_id"], torch.tensor(indices))
     if cfg.output.save_tensors and keep.any():
@@ -202,6 +205,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         save_grid(out_dir / "grid.png", tensors["query"][keep], tensors["counterfactual"][keep], gt,
                   max_rows=int(cfg.output.grid_max))
     metrics = summarize(rows)
+    metrics.update(validity_metrics)
     write_json(out_dir / "metrics.json", metrics)
     if logger is not None:
         tracking.log_job_outputs(logger, metrics, rows, {"cf/grid": out_dir / "grid.png"})
