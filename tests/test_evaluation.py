@@ -153,7 +153,8 @@ def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
     # --wandb builds the W&B table and images (mode disabled: nothing leaves the machine)
     files = report_lib.report(tmp_path, tmp_path / "out", wandb_project="disc_pl", wandb_mode="disabled")
     text = files["markdown"].read_text()
-    assert "| LSO+INR+DEP | 3 ± 1.63 | 0.5 ± 0 | 0.3 ± 0.163 | 1 | – | – | 3 |" in text  # no in-mask, no gate
+    # no in-mask, no gate, no judge / COUT / ground-truth recovery
+    assert "| LSO+INR+DEP | 3 ± 1.63 | 0.5 ± 0 | 0.3 ± 0.163 | 1 | – | – | – | – | – | 3 |" in text
     assert "identity X1' = X0 0.4 ± 0" in text
     assert "grid" not in files  # no counterfactuals.pt: no grid, the rest still written
     Image.open(files["scatter"]).verify()

@@ -5,7 +5,8 @@ reference rows and the machine. One entry point, :func:`add_validity`, called by
 Per query (``results.csv``): ``judge_flip`` (share of judges predicting the target),
 ``judge_target_prob``, ``cout`` (explained classifier), ``gt_recovery`` (ground truth only).
 Metrics (``metrics.json``, W&B): ``cf/judge_flip_rate`` / ``cf/judge_target_prob`` (mean over
-judges, ``_std`` across judges), ``judge/acc`` (clean test accuracy, mean and ``judge/acc_<i>``),
+judges, ``_std`` across judges), ``judge/acc`` (clean test accuracy, mean and ``judge/acc_<i>``; ``judge/pair_acc`` on the
+source / target test images, between those two classes),
 ``judge/query_flip_rate`` (the judges on the unchanged queries: a sanity line, near 0),
 ``reference/pgd/*`` (targeted PGD on pixels, same success criterion) and ``reference/gt/*``
 (the true counterfactuals, synthetic data), ``env/cpu``. ``cf/cout`` and ``cf/gt_recovery``
@@ -43,12 +44,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _test_accuracy(judges: list[nn.Module], dm: Any, limit: int = 2000) -> list[float]:
+def _test_accuracy(judges: list[nn.Module], dm: Any, pair: tuple[int, int], limit: int = 2000
+                   ) -> tuple[list[float], list[float]]:
+    """Per judge: accuracy on the first ``limit`` test images (all classes), and on the test
+    images of the query pair alone, deciding between the pair's two logits."""
     data = dm.dataset("test")
     n = min(limit, len(data))
     x = torch.stack([data[i]["image"] for i in range(n)])
     y = torch.stack([torch.as_tensor(data[i]["label"]) for i in range(n)]).long()
-    return [accuracy(j, x, y) for j in judges]
+    in_pair = (y == pair[0]) | (y == pair[1])
+    cols = torch.tensor(pair)
+    pair_acc = []
+    with torch.no_grad():
+        for j in judges:
+            if not in_pair.any():
+                pair_acc.append(float("nan"))
+                continue
+            pred = cols[j(x[in_pair])[:, cols].argmax(1)]
+            pair_acc.append(float((pred == y[in_pair]).float().mean()))
+    return [accuracy(j, x, y) for j in judges], pair_acc
 
 
 def _batched(fn, *tensors: Tensor, batch: int = 64) -> Tensor:
@@ -114,9 +128,10 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
     judges = None
     if judges_enabled(cfg):
         judges, _ = ensure_judges(cfg, dm, byo)
-        accs = _test_accuracy(judges, dm)
+        accs, pair_accs = _test_accuracy(judges, dm, (source, target))
         metrics.update({f"judge/acc_{i}": a for i, a in enumerate(accs)})
         metrics["judge/acc"] = sum(accs) / len(accs)
+        metrics["judge/pair_acc"] = sum(pair_accs) / len(pair_accs)  # source vs target test images only
         metrics["judge/k"] = len(judges)
         q = JudgeAgreement(judges)
         q.update(x, target)
