@@ -339,3 +339,39 @@ def test_evaluate_has_judges_and_references_run_does_not():
 
 def test_cpu_model_is_named():
     assert isinstance(cpu_model(), str) and cpu_model()
+
+
+# ---------------------------------------------------------------- expectation over transformations
+
+
+def test_random_views_identity_without_shift_and_noise_and_bounded_shift():
+    from disc_pl.cf.engine import random_views
+
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(random_views(x, 0.0, 0.0), x, atol=1e-6)
+    # a horizontal ramp shifted by at most 1 px changes each interior pixel by at most one step
+    ramp = torch.linspace(0, 1, 8).view(1, 1, 1, 8).expand(4, 1, 8, 8).contiguous()
+    out = random_views(ramp, 1.0, 0.0)
+    step = 1 / 7
+    assert (out - ramp)[..., 1:-1].abs().max() <= step + 1e-5 and out.min() >= 0 and out.max() <= 1
+
+
+def test_eot_options_are_validated():
+    from disc_pl.cf.engine import InversionOptions
+
+    with pytest.raises(ValueError, match="eot_views"):
+        InversionOptions(eot_views=-1)
+    assert InversionOptions(eot_views=2).eot_views == 2
+
+
+def test_eot_objective_runs_and_status_matches_the_unviewed_image(toy_classifier, toy_queries):
+    from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
+
+    images, targets, _ = toy_queries
+    opts = InversionOptions(lr=3e-3, recon_steps=0, target_margin=0.2, localize_grid=0, eot_views=2,
+                            stages=[Stage(["all"], 20, 5)])
+    out = generate_counterfactuals(toy_classifier, images[:2], targets[:2], prior="tv", options=opts)
+    assert out.images.shape == images[:2].shape and out.images.min() >= 0 and out.images.max() <= 1
+    with torch.no_grad():  # success is judged on x' itself, not on a random view
+        really = is_flipped(toy_classifier(out.images), targets[:2], 0.2)
+    assert really.tolist() == [s == "flipped" for s in out.status]

@@ -55,7 +55,8 @@ def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, str, dict]:
         recon_lr=recon.get("lr"), log_every=int(inv.log_every),
         localize_grid=int(cfg.localize.grid), lambda_area=float(cfg.localize.lambda_area),
         gate_lr=float(cfg.localize.lr), gate_init=float(cfg.localize.init),
-        gate_fallback=bool(cfg.localize.fallback))
+        gate_fallback=bool(cfg.localize.fallback), eot_views=int(inv.get("eot_views", 0)),
+        eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)))
     hparams = dict(OmegaConf.to_container(prior.get("hparams") or {}, resolve=True))  # generator hparams
     return options, str(prior.name), hparams
 

@@ -82,19 +82,26 @@ class InversionOptions:
     gate_init: float = -3.0                 # initial logit: sigmoid(-3) = 0.05 open
     gate_fallback: bool = True              # queries the gated search cannot flip are redone ungated
     log_every: int = 10                     # call `on_log` every N steps (0 = never)
+    # Expectation over transformations (not in the paper): the functional term is averaged over
+    # `eot_views` random views of x' (sub-pixel shifts up to `eot_shift` px, Gaussian noise
+    # `eot_noise`), so the change must survive them; 0 = off. Success is judged on x' itself.
+    eot_views: int = 0
+    eot_shift: float = 1.0
+    eot_noise: float = 0.02
 
     def __post_init__(self) -> None:
         checks = {"lr": self.lr > 0, "relax": 0 < self.relax <= 1, "lambda_sem": self.lambda_sem >= 0,
                   "lambda_mc": self.lambda_mc >= 0, "lambda_fc": self.lambda_fc > 0,
                   "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1,
                   "localize_grid": self.localize_grid >= 0, "lambda_area": self.lambda_area >= 0,
-                  "gate_lr": self.gate_lr > 0}
+                  "gate_lr": self.gate_lr > 0, "eot_views": self.eot_views >= 0,
+                  "eot_shift": self.eot_shift >= 0, "eot_noise": self.eot_noise >= 0}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"inversion.{key}={getattr(self, key)!r} is out of range "
                                  "(lr, lambda_fc > 0; lambdas >= 0; 0 < relax <= 1; "
                                  "0 <= target_margin < 1; recon_steps >= 0; localize_grid >= 0; "
-                                 "lambda_area >= 0; gate_lr > 0)")
+                                 "lambda_area >= 0; gate_lr > 0; eot_views, eot_shift, eot_noise >= 0)")
         if not self.stages:
             raise ValueError("inversion needs at least one stage (prior.stages)")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
@@ -132,6 +139,19 @@ def is_flipped(logits: Tensor, target: Tensor, margin: float) -> Tensor:
     p_t = p.gather(1, target[:, None]).squeeze(1)
     other = p.scatter(1, target[:, None], -1.0).max(1).values
     return (p.argmax(1) == target) & (p_t - other >= margin)
+
+
+def random_views(x: Tensor, shift: float, noise: float) -> Tensor:
+    """One random view of each image: a bilinear translation by up to ``shift`` pixels per axis
+    (border padding) plus Gaussian pixel noise of std ``noise``, clamped to [0, 1]."""
+    b, _, h, w = x.shape
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    offsets = (torch.rand(b, 2, device=x.device, dtype=x.dtype) * 2 - 1) * shift
+    theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (out + noise * torch.randn_like(out)).clamp(0, 1)
 
 
 def _invert(
@@ -208,7 +228,9 @@ def _invert(
             logits, feats = classifier.forward_features(x)
             terms = {
                 "semantic": semantic(x, feats, [r[idx] for r in reference]),
-                "functional": functional_loss(logits, targets[idx]),
+                "functional": functional_loss(logits, targets[idx]) if not opts.eot_views else
+                torch.stack([functional_loss(classifier(random_views(x, opts.eot_shift, opts.eot_noise)),
+                                             targets[idx]) for _ in range(opts.eot_views)]).mean(0),
                 "prior": gen.regularizer(x, idx),
                 "area": area,
             }
