@@ -375,3 +375,44 @@ def test_eot_objective_runs_and_status_matches_the_unviewed_image(toy_classifier
     with torch.no_grad():  # success is judged on x' itself, not on a random view
         really = is_flipped(toy_classifier(out.images), targets[:2], 0.2)
     assert really.tolist() == [s == "flipped" for s in out.status]
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    args = ["dataset.n_train=600", "dataset.n_val=100", "dataset.n_test=200", "models.classifier.width=8",
+            "models.classifier.fit.trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+            "prior.recon.max_steps=20", "prior.recon.psnr_target=25", "inversion.steps_per_stage=5",
+            "inversion.min_steps=1", "prior.hparams.hidden=32", "prior.hparams.depth=2",
+            "prior.stages=[[all]]", "logger=none", "cd.enabled=false", "query.count=3",
+            "query.require_correct=false", "judge.k=2", "judge.epochs=1", "judge.width=4", "judge.max_train=200",
+            "validity.pgd.steps=3", "validity.cout_steps=4", f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "disc_pl.evaluate", *args], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("cf/judge_flip_rate", "cf/judge_flip_rate_std", "cf/judge_target_prob", "cf/judge_target_prob_std",
+                "judge/acc", "judge/acc_0", "judge/acc_1", "judge/query_flip_rate", "cf/cout", "cf/gt_recovery",
+                "reference/pgd/flip_rate", "reference/pgd/judge_flip_rate", "reference/gt/judge_flip_rate",
+                "reference/gt/gt_recovery"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["reference/gt/gt_recovery"] == pytest.approx(1.0) and m["judge/k"] == 2 and m["env/cpu"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3
+    flips = [float(r["judge_flip"]) for r in rows]
+    assert all(v in (0.0, 0.5, 1.0) for v in flips)  # the share of 2 judges
+    assert statistics_mean(flips) == pytest.approx(m["cf/judge_flip_rate"])
+    assert len(list((tmp_path / "cache").glob("judge-*/judge.pt"))) == 2
+
+
+def statistics_mean(values):
+    return sum(values) / len(values)
