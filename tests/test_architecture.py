@@ -14,7 +14,7 @@ LAYERS = [
     {"cf"},
     {"models"},
     {"validate"},
-    {"job"},
+    {"job", "validity"},
     {"run", "train", "evaluate", "report", "bench", "cli"},
 ]
 

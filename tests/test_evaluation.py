@@ -42,7 +42,7 @@ def run_cli(module: str, args: list[str], timeout: int = 900) -> subprocess.Comp
 def test_evaluate_gt_counterfactuals_beat_the_identity_baseline(tmp_path, cache_dir):
     out = tmp_path / "eval"
     run_cli("disc_pl.evaluate", [*TOY, *TOY_INR, "evaluate.queries=false", "cd.n_per_class=64", f"cd.seeds=[{TEST_SEED}]",
-                                 "query.batch_size=64", f"cache_dir={cache_dir}",
+                                 "query.batch_size=64", "judge=none", f"cache_dir={cache_dir}",  # judges: test_validity.py
                                  f"hydra.run.dir={out}"])
     m = json.loads((out / "metrics.json").read_text())
     for key in ("cd/mean", "cd/std", "cd/acc_real", "cd/acc_cf", "cd/gt_mean", "cd/gt_std",
@@ -147,7 +147,8 @@ def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
     # --wandb builds the W&B table and images (mode disabled: nothing leaves the machine)
     files = report_lib.report(tmp_path, tmp_path / "out", wandb_project="disc_pl", wandb_mode="disabled")
     text = files["markdown"].read_text()
-    assert "| LSO+INR+DEP | 3 ± 1.63 | 0.5 ± 0 | 0.3 ± 0.163 | 1 | – | – | 3 |" in text  # no in-mask, no gate
+    # no in-mask, no gate, no judge / COUT / ground-truth recovery
+    assert "| LSO+INR+DEP | 3 ± 1.63 | 0.5 ± 0 | 0.3 ± 0.163 | 1 | – | – | – | – | – | 3 |" in text
     assert "identity X1' = X0 0.4 ± 0" in text
     assert "grid" not in files  # no counterfactuals.pt: no grid, the rest still written
     Image.open(files["scatter"]).verify()

@@ -42,8 +42,8 @@ def test_experiment_composes_and_sweeps_real_options(name, dataset):
         if (CONF / key).is_dir():  # a config group: every option is a file of the group
             assert all((CONF / key / f"{o}.yaml").exists() for o in options), (key, options)
         else:  # a config value: the key exists in the composed config
-            parent, leaf = key.rsplit(".", 1)
-            assert leaf in OmegaConf.select(cfg, parent), key
+            parent, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+            assert leaf in (OmegaConf.select(cfg, parent) if parent else cfg), key
         if key == "query.corruption.name":
             for option in options:
                 check_corruption(None if option == "null" else option, 1)

@@ -92,6 +92,7 @@ def cd_generation_config(cfg: DictConfig, indices: list[int], source: int, targe
             sub.query.corruption.name = None
         sub.output.save_tensors = True
         sub.logger = {}
+        sub.evaluate.references = False  # reference rows belong to the query job
     return sub
 
 

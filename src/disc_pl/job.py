@@ -35,6 +35,7 @@ from disc_pl.models.byo import load_posthoc_dep
 from disc_pl.models.cache import TRAINER_PRESENTATION_KEYS, ensure_model
 from disc_pl.models.fit import build_model, train_model
 from disc_pl.models.loading import load_classifier, load_duq
+from disc_pl.validity import add_validity
 from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
 from disc_pl.utils import to_plain
 from disc_pl.viz import captions_from_rows, save_grid
@@ -57,7 +58,8 @@ def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, Any]:
         recon_lr=recon.get("lr"), log_every=int(inv.log_every),
         localize_grid=int(cfg.localize.grid), lambda_area=float(cfg.localize.lambda_area),
         gate_lr=float(cfg.localize.lr), gate_init=float(cfg.localize.init),
-        gate_fallback=bool(cfg.localize.fallback))
+        gate_fallback=bool(cfg.localize.fallback), eot_views=int(inv.get("eot_views", 0)),
+        eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)))
     return options, instantiate(prior.hparams)
 
 
@@ -150,7 +152,8 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
 
 # Quality of a counterfactual: averaged over the flipped queries only (a not-flipped query's
 # best attempt, or a diverged query returned as itself with mse 0, is no counterfactual).
-FLIPPED_FIGURES = ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob", "recon_psnr")
+FLIPPED_FIGURES = ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob", "recon_psnr",
+                   "cout", "gt_recovery")
 # Cost and starting point: over every query (the work was spent on all of them).
 ALL_FIGURES = ("initial_prob", "steps", "seconds")
 
@@ -229,6 +232,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
 
     rows, tensors = merge_parts(out_dir)
     rows = [r for r in rows if r["query_id"] in set(indices)]
+    validity_metrics = add_validity(cfg, dm, classifier, rows, tensors, indices, target,
+                                    byo=is_byo(cfg.models.classifier))  # judges, COUT, references (new columns)
     write_results_table(out_dir / "results.csv", rows)
     keep = torch.isin(tensors["query_id"], torch.tensor(indices))
     if cfg.output.save_tensors and keep.any():
@@ -240,6 +245,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         save_grid(out_dir / "grid.png", tensors["query"][keep], tensors["counterfactual"][keep], gt,
                   max_rows=int(cfg.output.grid_max), target_prob=probs, verdict=verdicts)
     metrics = summarize(rows)
+    metrics.update(validity_metrics)
     write_json(out_dir / "metrics.json", metrics)
     if logger is not None:
         tracking.log_job_outputs(logger, metrics, rows, {"cf/grid": out_dir / "grid.png"})

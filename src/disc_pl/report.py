@@ -43,11 +43,15 @@ PRIOR_NAMES = {"tv": "TV+L2", "dip": "DIP", "inr": "INR"}
 # Sort order of the table rows: the paper's (ISO before LSO, weak prior first, DEP last).
 ORDER = {"space": ["iso", "lso"], "prior": ["tv", "dip", "inr"], "manifold": ["none", "duq", "dep"]}
 NAMED_KEYS = {"prior", "manifold", "space", "seed", "query.corruption.name", "query.corruption.severity"}
-QUERY_FIGURES = ("mse", "concentration", "in_mask")
+QUERY_FIGURES = ("mse", "concentration", "in_mask", "cout", "gt_recovery")
 COLUMNS = [  # (header, key in the method's stats)
     ("MSE", "mse"), ("Conc.", "concentration"), ("CD", "cd"), ("flip rate", "flip_rate"),
-    ("in-mask", "in_mask"), ("localized", "localized"),
+    ("in-mask", "in_mask"), ("localized", "localized"), ("judge", "judge_flip_rate"), ("COUT", "cout"),
+    ("GT rec.", "gt_recovery"),
 ]
+# Reference rows (disc_pl.validity, written by disc_pl.evaluate): metrics prefix -> row name
+REFERENCES = {"reference/pgd/": "reference: targeted PGD (pixels, no prior)",
+              "reference/gt/": "reference: ground-truth counterfactual"}
 
 
 @dataclass
@@ -180,7 +184,46 @@ def method_stats(method: Method) -> dict[str, Any]:
     for key in ("cd/acc_real", "cd/acc_cf"):
         vals = [float(j.metrics[key]) for j in method.jobs if j.metrics.get(key) is not None]
         stats[key.replace("/", "_")] = statistics.fmean(vals) if vals else math.nan
+    stats["judge_flip_rate"] = judge_stat([j.metrics for j in method.jobs], "cf/")
     return stats
+
+
+def judge_stat(metrics: Sequence[dict[str, Any]], prefix: str) -> tuple[float, float]:
+    """Judge agreement: one job -> (mean, std across its judges); several jobs (classifier
+    seeds) -> (mean, std) of the jobs' figures, i.e. the spread across classifier instances."""
+    vals = [m for m in metrics if m.get(f"{prefix}judge_flip_rate") is not None]
+    if len(vals) == 1:
+        return float(vals[0][f"{prefix}judge_flip_rate"]), float(vals[0].get(f"{prefix}judge_flip_rate_std", math.nan))
+    return _mean_std([float(m[f"{prefix}judge_flip_rate"]) for m in vals])
+
+
+def reference_stats(jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """One row per reference found in the jobs' metrics: mean ± std over the jobs (std
+    across judges for a single job's judge figure)."""
+    out = []
+    for prefix, name in REFERENCES.items():
+        found = [j.metrics for j in jobs if f"{prefix}flip_rate" in j.metrics]
+        if not found:
+            continue
+        row: dict[str, Any] = {"method": name, "jobs": len(found),
+                               "queries": sum(int(m.get("cf/queries", 0)) for m in found)}
+        for _, key in COLUMNS:
+            vals = [float(m[f"{prefix}{key}"]) for m in found if m.get(f"{prefix}{key}") is not None]
+            row[key] = (_mean_std(vals) if len(vals) > 1 else (vals[0], float(found[0].get(f"{prefix}{key}_std", math.nan)))
+                        if vals else (math.nan, math.nan))
+            if key == "flip_rate" and len(vals) == 1:
+                row[key] = (vals[0], math.nan)
+        row["judge_flip_rate"] = judge_stat(found, prefix)
+        for key in ("cd_gt", "cd_identity"):
+            row[key] = (math.nan, math.nan)
+        row["cd_acc_real"] = row["cd_acc_cf"] = math.nan
+        out.append(row)
+    return out
+
+
+def environment(jobs: Sequence[Job]) -> list[str]:
+    """The CPU models the jobs ran on (``env/cpu``), sorted."""
+    return sorted({str(j.metrics["env/cpu"]) for j in jobs if j.metrics.get("env/cpu")})
 
 
 # ----------------------------------------------------------------------------- writing
@@ -202,14 +245,21 @@ def markdown_table(stats: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, root: Path, stats: Sequence[dict[str, Any]], figures: dict[str, Path]) -> None:
+def write_markdown(path: Path, root: Path, stats: Sequence[dict[str, Any]], figures: dict[str, Path],
+                   cpus: Sequence[str] = ()) -> None:
     refs = [s for s in stats if not math.isnan(s["cd_gt"][0]) or not math.isnan(s["cd_identity"][0])]
     parts = [f"# Report: {root}", "",
              "Mean ± population std: MSE, Conc. (bounding-box area of the change), in-mask (share of "
              "the change inside the ground-truth attribute mask) over queries; CD (classifier "
              "discrepancy, lower is better) over seeds; flip rate = share of valid counterfactuals; "
-             "localized = share of those found by the gated search (localize=gate), not its fallback.",
+             "localized = share of those found by the gated search (localize=gate), not its fallback; "
+             "judge = share of independent judges predicting the target (mean ± std over classifier "
+             "seeds, or across judges for one job); COUT = counterfactual transition (Khorram & Fuxin "
+             "2022, explained classifier); GT rec. = 1 - |x'-x_gt|^2/|x-x_gt|^2 (synthetic data). "
+             "Reference rows: targeted PGD on pixels (fools this classifier) and the true counterfactuals.",
              "", markdown_table(stats), ""]
+    if cpus:
+        parts += [f"CPU: {', '.join(cpus)} (results differ between CPU vendors through float round-off).", ""]
     if refs:
         s = refs[0]
         parts += [f"CD references (same recipe and seeds): ground-truth counterfactuals "
@@ -220,7 +270,8 @@ def write_markdown(path: Path, root: Path, stats: Sequence[dict[str, Any]], figu
 
 
 def write_csv(path: Path, stats: Sequence[dict[str, Any]]) -> None:
-    keys = ["mse", "concentration", "cd", "flip_rate", "in_mask", "localized", "cd_gt", "cd_identity"]
+    keys = ["mse", "concentration", "cd", "flip_rate", "in_mask", "localized", "judge_flip_rate", "cout",
+            "gt_recovery", "cd_gt", "cd_identity"]
     header = ["method", "jobs", "queries"] + [f"{k}_{p}" for k in keys for p in ("mean", "std")] + \
         ["cd_acc_real", "cd_acc_cf"]
     with path.open("w", newline="") as f:
@@ -254,9 +305,10 @@ def report(root: str | Path, out: str | Path | None = None, max_queries: int = 8
     """Build the report of the jobs under ``root``; returns the written files by name."""
     root = Path(root)
     out_dir = Path(out) if out is not None else root
-    methods = group_methods(find_jobs(root))  # before creating anything: a mistyped root fails clean
+    jobs = find_jobs(root)  # before creating anything: a mistyped root fails clean
+    methods = group_methods(jobs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = [method_stats(m) for m in methods]
+    stats = [method_stats(m) for m in methods] + reference_stats(jobs)
     figures = {}
     grid = save_method_grid(out_dir / "report_grid.png", [(m.name, [j.path for j in m.jobs]) for m in methods],
                             max_queries)
@@ -265,7 +317,7 @@ def report(root: str | Path, out: str | Path | None = None, max_queries: int = 8
     points = [(m.name, [(_float(r.get("mse")), _float(r.get("concentration"))) for j in m.jobs for r in j.rows])
               for m in methods]
     figures["scatter"] = save_scatter(out_dir / "report_scatter.png", points)
-    write_markdown(out_dir / "report.md", root, stats, figures)
+    write_markdown(out_dir / "report.md", root, stats, figures, environment(jobs))
     write_csv(out_dir / "report.csv", stats)
     figures_html = {"html": write_html(out_dir / "report.html", f"Report: {root}", stats,
                                        [(m.name, [j.path for j in m.jobs]) for m in methods],

@@ -84,19 +84,26 @@ class InversionOptions:
     gate_init: float = -3.0                 # initial logit: sigmoid(-3) = 0.05 open
     gate_fallback: bool = True              # queries the gated search cannot flip are redone ungated
     log_every: int = 10                     # call `on_log` every N steps (0 = never)
+    # Expectation over transformations (not in the paper): the functional term is averaged over
+    # `eot_views` random views of x' (sub-pixel shifts up to `eot_shift` px, Gaussian noise
+    # `eot_noise`), so the change must survive them; 0 = off. Success is judged on x' itself.
+    eot_views: int = 0
+    eot_shift: float = 1.0
+    eot_noise: float = 0.02
 
     def __post_init__(self) -> None:
         checks = {"lr": self.lr > 0, "relax": 0 < self.relax <= 1, "lambda_sem": self.lambda_sem >= 0,
                   "lambda_mc": self.lambda_mc >= 0, "lambda_fc": self.lambda_fc > 0,
                   "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1,
                   "localize_grid": self.localize_grid >= 0, "lambda_area": self.lambda_area >= 0,
-                  "gate_lr": self.gate_lr > 0}
+                  "gate_lr": self.gate_lr > 0, "eot_views": self.eot_views >= 0,
+                  "eot_shift": self.eot_shift >= 0, "eot_noise": self.eot_noise >= 0}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"inversion.{key}={getattr(self, key)!r} is out of range "
                                  "(lr, lambda_fc > 0; lambdas >= 0; 0 < relax <= 1; "
                                  "0 <= target_margin < 1; recon_steps >= 0; localize_grid >= 0; "
-                                 "lambda_area >= 0; gate_lr > 0)")
+                                 "lambda_area >= 0; gate_lr > 0; eot_views, eot_shift, eot_noise >= 0)")
         if not self.stages:
             raise ValueError("inversion needs at least one stage (prior.stages)")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
@@ -232,7 +239,8 @@ def _invert(
                 logits, feats = classifier.forward_features(x)
             with record_function("disc_pl.objective"):
                 step = Step(x=x, logits=logits, feats=feats, query=query, source=source[idx],
-                            target=targets[idx], idx=idx, prior=gen, mask=m)
+                            target=targets[idx], idx=idx, prior=gen, mask=m,
+                            classifier=classifier)
                 terms = {t.name: t(step, states[t.name]) for t in objective}
                 total = None
                 for w, t in zip(weights, objective):

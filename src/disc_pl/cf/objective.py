@@ -32,6 +32,7 @@ class Step:
     idx: Tensor               # [b] rows of the batch
     prior: Any                # the batch's generators, a disc_pl.cf.priors.Prior (its regulariser)
     mask: Tensor | None       # [b, 1, H, W] gate mask, None without the gate
+    classifier: Any = None    # the explained classifier (terms that evaluate other views of x)
 
 
 class Term:
@@ -87,13 +88,35 @@ class ManifoldTerm(Term):
         return self.manifold(step.x, step.logits, step.feats, step.source, step.target)
 
 
+def random_views(x: Tensor, shift: float, noise: float) -> Tensor:
+    """One random view of each image: a bilinear translation by up to ``shift`` pixels per axis
+    (border padding) plus Gaussian pixel noise of std ``noise``, clamped to [0, 1]."""
+    b, _, h, w = x.shape
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    offsets = (torch.rand(b, 2, device=x.device, dtype=x.dtype) * 2 - 1) * shift
+    theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (out + noise * torch.randn_like(out)).clamp(0, 1)
+
+
 class FunctionalTerm(Term):
-    """Cross entropy of F(x') to the target class."""
+    """Cross entropy of F(x') to the target class. With ``views`` > 0 (expectation over
+    transformations) it is averaged over that many random views of x' (``random_views``)."""
 
     name = "functional"
 
+    def __init__(self, weight: float = 1.0, views: int = 0, shift: float = 1.0, noise: float = 0.02) -> None:
+        super().__init__(weight)
+        self.views, self.shift, self.noise = int(views), float(shift), float(noise)
+
     def __call__(self, step, state):
-        return functional_loss(step.logits, step.target)
+        if not self.views:
+            return functional_loss(step.logits, step.target)
+        losses = [functional_loss(step.classifier(random_views(step.x, self.shift, self.noise)), step.target)
+                  for _ in range(self.views)]
+        return torch.stack(losses).mean(0)
 
 
 class PriorTerm(Term):
@@ -120,7 +143,9 @@ def default_objective(options: Any, manifold: nn.Module | None = None) -> list[T
     """The paper's objective (eq. 5) with the coefficients of ``options`` (an
     ``InversionOptions``), + the gate's area."""
     return [SemanticTerm(options.space, options.layers, options.lambda_sem, options.relax),
-            ManifoldTerm(manifold, options.lambda_mc), FunctionalTerm(options.lambda_fc),
+            ManifoldTerm(manifold, options.lambda_mc),
+            FunctionalTerm(options.lambda_fc, getattr(options, "eot_views", 0), getattr(options, "eot_shift", 1.0),
+                           getattr(options, "eot_noise", 0.02)),
             PriorTerm(1.0), AreaTerm(options.lambda_area)]
 
 

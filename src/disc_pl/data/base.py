@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from disc_pl.errors import ConfigError, CorruptImageError, DatasetError, DatasetNotFoundError  # noqa: F401 (re-exported)
 
 SPLITS = ("train", "val", "test")
+TRAIN_ROLES = ("explained", "judge")
+JUDGE_STREAM = 7  # derived-seed stream of the explained / judge partition of the training split
 
 
 def missing_data_message(what: str, path: Path, layout: str, source: str, env: str | None = None) -> str:
@@ -83,6 +85,9 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     has_ground_truth: bool = False
+    #: how the judges get training images the explained classifier did not see: "fraction" (a
+    #: reserved part of train, see configure_role) or "seed" (another dataset seed: synthetic data)
+    judge_split: str = "fraction"
 
     def __init__(self, name: str, image_size: int, batch_size: int = 128, num_workers: int = 0,
                  default_query_source: str | int | None = None,
@@ -98,6 +103,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self._query_args = (default_query_source, default_query_target)
+        self.role, self.judge_fraction = "explained", 0.0  # see configure_role()
         self._class_names: list[str] | None = None
         self._splits: dict[str, Dataset] | None = None
         self._channel_stats: tuple[list[float], list[float]] | None = None
@@ -114,12 +120,48 @@ class ImageDataModule(pl.LightningDataModule):
     def _default_query(self) -> tuple[str, str]:
         return self.class_names[0], self.class_names[1]
 
+    # ---- training-data roles (independent judges, disc_pl.models.judge) -------------------
+    def configure_role(self, role: str = "explained", judge_fraction: float = 0.0) -> None:
+        """Reserve ``judge_fraction`` of each class of the training split for the judges.
+
+        ``role="explained"``: the train split is the rest (what the explained classifier and
+        its DUQ / DEP train on); ``role="judge"``: the train split is the reserved part only.
+        The two parts are disjoint (a seeded, stratified holdout, see ``judge_positions``);
+        val and test are shared. ``judge_fraction=0`` (the default) keeps the whole split.
+        """
+        if role not in TRAIN_ROLES:
+            raise ConfigError.one("dataset.role", role, f"one of {', '.join(TRAIN_ROLES)}")
+        if not 0.0 <= float(judge_fraction) < 1.0:
+            raise ConfigError.one("dataset.judge_fraction", judge_fraction,
+                                  "a fraction in [0, 1): the share of the training data reserved for the judges")
+        if role == "judge" and float(judge_fraction) == 0.0:
+            raise ConfigError.one("dataset.judge_fraction", judge_fraction,
+                                  "role=judge needs a reserved part: set dataset.judge_fraction > 0, e.g. 0.2")
+        self.role, self.judge_fraction = role, float(judge_fraction)
+
+    def _role_seed(self) -> int:
+        return derived_seed(int(getattr(self, "seed", 0)), JUDGE_STREAM)
+
+    def judge_positions(self, labels: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(explained, judge) positions into the full training split: disjoint, sorted."""
+        return stratified_holdout(labels, self.judge_fraction, self._role_seed())
+
+    def _role_subset(self, train: Dataset) -> Dataset:
+        labels = getattr(train, "labels", None)
+        if labels is None:
+            labels = [int(train[i]["label"]) for i in range(len(train))]  # type: ignore[arg-type]
+        explained, judge = self.judge_positions([int(v) for v in labels])
+        self.train_positions = explained if self.role == "explained" else judge
+        return IndexedSubset(train, self.train_positions)
+
     # ---- lifecycle ------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Build all splits once; later calls (any stage) return immediately."""
         if self._splits is not None:
             return
         class_names, splits = self._load_splits()
+        if self.judge_fraction > 0 and "train" in splits:
+            splits["train"] = self._role_subset(splits["train"])
         if len(class_names) < 2:
             raise DatasetError(f"dataset {self.name!r} has {len(class_names)} class(es) "
                                f"{class_names}; a classifier needs at least 2")
@@ -221,6 +263,8 @@ class ImageDataModule(pl.LightningDataModule):
         out = {"name": self.name, "class": type(self).__name__, "image_size": self.image_size,
                "channels": self.channels, **self._fingerprint_args()}
         out["class_names"] = self.class_names
+        if self.judge_fraction > 0:  # which part of the training data this datamodule serves
+            out["train_role"], out["judge_fraction"] = self.role, self.judge_fraction
         out["split_sizes"] = {s: len(self.dataset(s)) for s in SPLITS}  # type: ignore[arg-type]
         return out
 
@@ -247,3 +291,21 @@ def require_path(path: Path, what: str, layout: str, source: str, env: str | Non
     if not ok:
         raise DatasetNotFoundError(missing_data_message(what, path, layout, source, env))
     return path
+
+
+class IndexedSubset(Dataset):
+    """Items ``positions`` of ``base``, re-indexed ``0..len-1`` (``index`` stays the position in
+    this split, the query-id contract); ``positions`` are kept for independence checks."""
+
+    def __init__(self, base: Dataset, positions: Sequence[int]) -> None:
+        self.base, self.positions = base, list(positions)
+        labels = getattr(base, "labels", None)
+        self.labels = None if labels is None else torch.as_tensor(labels)[self.positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.base[self.positions[index]])
+        item["index"] = int(index)
+        return item

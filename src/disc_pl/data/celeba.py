@@ -84,10 +84,12 @@ class CelebADataModule(ImageDataModule):
                  image_size: int = 96, crop_size: int = 178, max_per_split: int | None = None,
                  seed: int = 0, skip_corrupt: bool = False, batch_size: int = 128, num_workers: int = 0,
                  default_query_source: str | int | None = None,
-                 default_query_target: str | int | None = None) -> None:
+                 default_query_target: str | int | None = None,
+                 role: str = "explained", judge_fraction: float = 0.0) -> None:
         super().__init__(name, image_size, batch_size, num_workers, default_query_source,
                          default_query_target, channels=3)
         self.save_hyperparameters()
+        self.configure_role(role, judge_fraction)  # a disjoint part of train for the judges
         if max_per_split is not None and int(max_per_split) < 1:
             raise ConfigError.one("dataset.max_per_split", max_per_split, "must be >= 1 or null")
         self.root = resolve_root(root)

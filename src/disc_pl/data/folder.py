@@ -72,10 +72,12 @@ class FolderDataModule(ImageDataModule):
                  channels: int = 3, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                  skip_corrupt: bool = False, batch_size: int = 128, num_workers: int = 0,
                  default_query_source: str | int | None = None,
-                 default_query_target: str | int | None = None) -> None:
+                 default_query_target: str | int | None = None,
+                 role: str = "explained", judge_fraction: float = 0.0) -> None:
         super().__init__(name, image_size, batch_size, num_workers, default_query_source,
                          default_query_target, channels=channels)
         self.save_hyperparameters()
+        self.configure_role(role, judge_fraction)  # a disjoint part of train for the judges
         self.root = resolve_root(root)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.seed, self.skip_corrupt = int(seed), bool(skip_corrupt)

@@ -74,10 +74,12 @@ class ISIC2018DataModule(ImageDataModule):
                  test_fraction: float = 0.1, val_fraction: float = 0.1, seed: int = 0,
                  skip_corrupt: bool = False, batch_size: int = 128, num_workers: int = 0,
                  default_query_source: str | int | None = "MEL",
-                 default_query_target: str | int | None = "NV") -> None:
+                 default_query_target: str | int | None = "NV",
+                 role: str = "explained", judge_fraction: float = 0.0) -> None:
         super().__init__(name, image_size, batch_size, num_workers, default_query_source,
                          default_query_target, channels=3)
         self.save_hyperparameters()
+        self.configure_role(role, judge_fraction)  # a disjoint part of train for the judges
         self.root = resolve_root(root)
         self.test_fraction, self.val_fraction = float(test_fraction), float(val_fraction)
         self.seed, self.skip_corrupt = int(seed), bool(skip_corrupt)

@@ -303,6 +303,7 @@ class SyntheticFacesDataModule(ImageDataModule):
     """
 
     has_ground_truth = True
+    judge_split = "seed"  # the judges train on faces of another dataset seed (disc_pl.models.judge)
 
     def __init__(self, name: str = "synthetic_faces", image_size: int = 32, n_train: int = 4000,
                  n_val: int = 500, n_test: int = 1000, seed: int = 0, hard_fraction: float = 0.1,

@@ -1,0 +1,175 @@
+"""Independent judges: an ensemble of K classifiers that never saw the explained one's data.
+
+A counterfactual that flips the explained classifier may be a real change of class or an
+adversarial perturbation of that one network. The judges tell the two apart: ``judge.k``
+``SmallCNN`` classifiers (another architecture than the explained ResNet-18), each with its own
+seed, trained with augmentation (flips, shifts, pixel noise) on images the explained classifier
+did not see:
+
+- ``dataset=synthetic_faces`` (``judge_split = "seed"``): faces rendered from another dataset
+  seed (``dataset.seed + judge.data_seed_offset``), so no face is shared;
+- every other datamodule (``judge_split = "fraction"``): the reserved, disjoint part of the
+  training split (``dataset.judge_fraction`` > 0, ``role=judge``); the explained classifier
+  trains on the rest (``role=explained``). Both roles are in the datamodules' fingerprints.
+- a bring-your-own classifier: its training data is unknown, so the judges train on the
+  dataset's judge part (or, with ``judge_fraction=0``, the whole training split: then they may
+  share images with the user's classifier; a warning says so).
+
+Judges are cached like every model (``<cache_dir>/judge-<key16>/judge.pt``, key = the judge
+config + the judge data's fingerprint + the judge's seed), trained once per data and reused by
+every method, classifier seed and sweep job.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor, nn
+
+from disc_pl.cf.results import atomic_torch_save, write_json
+from disc_pl.errors import ConfigError
+from disc_pl.models.cache import file_lock
+from disc_pl.nets.small_cnn import SmallCNN
+from disc_pl.utils import config_hash, to_plain
+
+log = logging.getLogger(__name__)
+TRAIN_KEYS = ("width", "epochs", "lr", "batch_size", "weight_decay", "hflip", "max_shift", "noise", "max_train")
+
+
+def judges_enabled(cfg: DictConfig) -> bool:
+    judge = cfg.get("judge")
+    return judge is not None and str(judge.get("name", "none")) != "none"
+
+
+def judge_dataset_config(dataset_cfg: DictConfig, datamodule: Any, judge_cfg: DictConfig,
+                         byo: bool = False) -> DictConfig:
+    """The dataset config the judges train on (disjoint from the explained classifier's)."""
+    sub = dataset_cfg.copy()
+    how = getattr(datamodule, "judge_split", "fraction")
+    with open_dict(sub):
+        if how == "seed":
+            sub.seed = int(dataset_cfg.seed) + int(judge_cfg.data_seed_offset)
+        elif float(dataset_cfg.get("judge_fraction", 0.0) or 0.0) > 0:
+            sub.role = "judge"
+        elif byo:
+            log.warning("judge: dataset.judge_fraction=0, so the judges train on the whole training split; "
+                        "a bring-your-own classifier may have seen the same images (set judge_fraction > 0 "
+                        "and train your classifier on the rest for independent judges)")
+        else:
+            raise ConfigError.one(
+                "dataset.judge_fraction", dataset_cfg.get("judge_fraction", 0.0),
+                "the judges need training images the explained classifier did not see: set "
+                "dataset.judge_fraction=0.2 (the explained classifier then trains on the other 80 %), "
+                "or judge=none")
+    return sub
+
+
+def check_independent(explained: Any, judge: Any) -> None:
+    """Raise if the judge datamodule's training images can overlap the explained one's."""
+    fe, fj = explained.fingerprint(), judge.fingerprint()
+    if getattr(explained, "judge_split", "fraction") == "seed":
+        if fe.get("seed") == fj.get("seed"):
+            raise RuntimeError("judge data uses the explained classifier's dataset seed")
+        return
+    if fj.get("train_role") != "judge" or fe.get("train_role") != "explained":
+        return  # byo with the whole split: warned in judge_dataset_config
+    if set(explained.train_positions) & set(judge.train_positions):
+        raise RuntimeError("judge and explained training positions overlap")
+
+
+def _stack_split(data: Any, limit: int | None) -> tuple[Tensor, Tensor]:
+    n = len(data) if limit is None else min(int(limit), len(data))
+    items = [data[i] for i in range(n)]
+    return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])
+
+
+def build_judge(channels: int, image_size: int, num_classes: int, width: int) -> nn.Module:
+    return SmallCNN(num_classes, in_channels=channels, image_size=image_size, width=width,
+                    mean=[0.5] * channels, std=[0.25] * channels)
+
+
+def _fit(net: nn.Module, x: Tensor, y: Tensor, seed: int, jc: dict[str, Any]) -> None:
+    gen = torch.Generator().manual_seed(int(seed))
+    opt = torch.optim.Adam(net.parameters(), lr=float(jc["lr"]), weight_decay=float(jc["weight_decay"]))
+    shift, noise = int(jc["max_shift"]), float(jc["noise"])
+    with torch.inference_mode(False), torch.enable_grad():
+        net.train()
+        for _ in range(int(jc["epochs"])):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), int(jc["batch_size"])):
+                idx = order[start:start + int(jc["batch_size"])]
+                if len(idx) < 2:
+                    continue
+                xb = x[idx]
+                if jc["hflip"]:
+                    flip = torch.rand(len(idx), generator=gen) < 0.5
+                    xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+                if shift:
+                    dy, dx = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
+                    xb = torch.roll(xb, (dy, dx), dims=(2, 3))
+                if noise:
+                    xb = (xb + noise * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
+                loss = F.cross_entropy(net(xb), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    net.eval()
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
+    pred = torch.cat([net(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return float((pred == y).float().mean())
+
+
+def ensure_judges(cfg: DictConfig, datamodule: Any, byo: bool = False) -> tuple[list[nn.Module], Any]:
+    """The K trained judges (eval mode, frozen) and their datamodule; trains missing ones."""
+    jc = cfg.judge
+    k = int(jc.k)
+    if k < 1:
+        raise ConfigError.one("judge.k", k, "an integer >= 1 (the ensemble size), or judge=none")
+    jcfg = judge_dataset_config(cfg.dataset, datamodule, jc, byo)
+    jdm = instantiate(jcfg)
+    jdm.setup()
+    check_independent(datamodule, jdm)
+    train = {key: to_plain(jc.get(key)) for key in TRAIN_KEYS}
+    cache_dir = Path(str(cfg.cache_dir))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    x = y = None
+    judges = []
+    for i in range(k):
+        seed = int(jc.seed) + i
+        key = config_hash({"kind": "judge", "train": train, "data": jdm.fingerprint(), "seed": seed})
+        entry = cache_dir / f"judge-{key[:16]}"
+        net = build_judge(jdm.channels, jdm.image_size, jdm.num_classes, int(train["width"]))
+        with file_lock(cache_dir / f".{entry.name}.lock"):
+            if not (entry / "judge.pt").is_file():
+                if x is None:
+                    x, y = _stack_split(jdm.dataset("train"), train["max_train"])
+                log.info("training judge %d/%d (%d images) into %s", i + 1, k, len(x), entry)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    net = build_judge(jdm.channels, jdm.image_size, jdm.num_classes, int(train["width"]))
+                    _fit(net, x, y, seed, train)
+                tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=cache_dir))
+                atomic_torch_save(net.state_dict(), tmp / "judge.pt")
+                write_json(tmp / "config.json", {"train": train, "data": jdm.fingerprint(), "seed": seed})
+                os.chmod(tmp, 0o755)
+                if entry.exists():
+                    shutil.rmtree(entry)
+                os.rename(tmp, entry)
+        net.load_state_dict(torch.load(entry / "judge.pt", map_location="cpu", weights_only=True))
+        judges.append(net.eval().requires_grad_(False))
+    return judges, jdm
+
+
+def judge_config_summary(cfg: DictConfig) -> dict[str, Any]:
+    return dict(OmegaConf.to_container(cfg.judge, resolve=True)) if judges_enabled(cfg) else {}
