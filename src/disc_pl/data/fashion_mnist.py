@@ -11,7 +11,8 @@ Nothing is downloaded. Items are 1-channel images in [0, 1]; the 28 x 28 origina
 zero-padded to ``image_size=32`` (the default: the background is black, and 32 is divisible by
 the 8 the judges' CNN and the priors' up-sampling need) or resized bilinearly to any other size.
 Splits: ``max_train`` images of the official training set (a stratified, seeded subset; null =
-all 60000), of which a stratified ``val_fraction`` is ``val`` and the rest ``train``; ``test`` the official test set (its first
+all 60000), of which a stratified ``val_fraction`` is ``val`` and the rest ``train``; ``test`` the official test
+set (its first
 ``max_test`` images). ``judge_fraction`` reserves a disjoint part of ``train`` for the
 independent judges (``ImageDataModule.configure_role``).
 """
