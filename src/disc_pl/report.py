@@ -7,7 +7,7 @@ extended with the query corruption ("LSO+INR+DEP jpeg@3") and with any other ove
 differs between jobs, except ``seed`` (jobs that differ only in seed are pooled).
 
 Per method (mean ± population std):
-- MSE, Conc., in-mask: over all queries of the method's jobs (rows of their ``results.csv``;
+- MSE, Conc., in-mask: over the flipped queries of the method's jobs (rows of their ``results.csv``;
   for one job these are exactly its ``cf/mse``, ``cf/mse_std``, ... of ``metrics.json``);
 - flip rate: fraction of queries flipped (a proportion, no std);
 - CD: over seeds (``cd/per_seed`` of the jobs' metrics.json; one job: its ``cd/mean``, ``cd/std``);
@@ -163,8 +163,9 @@ def method_stats(method: Method) -> dict[str, Any]:
     """``{figure: (mean, std)}`` for the table, plus counts and the reference CDs."""
     rows = [r for job in method.jobs for r in job.rows]
     stats: dict[str, Any] = {"method": method.name, "jobs": len(method.jobs), "queries": len(rows)}
+    flipped_rows = [r for r in rows if r.get("flipped") == "True"]  # as cf/* in metrics.json
     for key in QUERY_FIGURES:
-        stats[key] = _mean_std([v for r in rows if not math.isnan(v := _float(r.get(key)))])
+        stats[key] = _mean_std([v for r in flipped_rows if not math.isnan(v := _float(r.get(key)))])
     stats["flip_rate"] = (sum(r.get("flipped") == "True" for r in rows) / len(rows), math.nan) if rows \
         else (math.nan, math.nan)
     # share of the flipped counterfactuals found by the gated search (localize=gate; not the fallback)
