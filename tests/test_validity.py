@@ -345,7 +345,7 @@ def test_cpu_model_is_named():
 
 
 def test_random_views_identity_without_shift_and_noise_and_bounded_shift():
-    from disc_pl.cf.engine import random_views
+    from disc_pl.cf.objective import random_views
 
     x = torch.rand(2, 3, 8, 8)
     assert torch.allclose(random_views(x, 0.0, 0.0), x, atol=1e-6)
@@ -401,13 +401,16 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((out / "metrics.json").read_text())
     for key in ("cf/judge_flip_rate", "cf/judge_flip_rate_std", "cf/judge_target_prob", "cf/judge_target_prob_std",
-                "judge/acc", "judge/acc_0", "judge/acc_1", "judge/query_flip_rate", "cf/cout", "cf/gt_recovery",
+                "judge/acc", "judge/acc_0", "judge/acc_1", "judge/query_flip_rate",
                 "reference/pgd/flip_rate", "reference/pgd/judge_flip_rate", "reference/gt/judge_flip_rate",
                 "reference/gt/gt_recovery"):
         assert key in m and math.isfinite(m[key]), key
+    for key in ("cf/cout", "cf/gt_recovery"):  # quality figures: over the flipped queries only
+        assert (key in m and math.isfinite(m[key])) == (m["cf/n_flipped"] > 0), key
     assert m["reference/gt/gt_recovery"] == pytest.approx(1.0) and m["judge/k"] == 2 and m["env/cpu"]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 3
+    assert all(math.isfinite(float(r["cout"])) and math.isfinite(float(r["gt_recovery"])) for r in rows)  # per query
     flips = [float(r["judge_flip"]) for r in rows]
     assert all(v in (0.0, 0.5, 1.0) for v in flips)  # the share of 2 judges
     assert statistics_mean(flips) == pytest.approx(m["cf/judge_flip_rate"])
