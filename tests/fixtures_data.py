@@ -7,6 +7,8 @@ every image with the right label after splitting and shuffling. Real JPEG / PNG 
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -111,3 +113,20 @@ def make_folder(folder: Path, per_class: dict[str, int]) -> dict[str, int]:
             write_image(folder / name / f"img_{j:03d}{ext}", PALETTE[index[name]], size, mode)
         (folder / name / "notes.txt").write_text("not an image\n")
     return index
+
+
+def write_report_job(root: Path, name: str, overrides: list[str], prior: str, metrics: dict, rows: list[dict],
+                     experiment: str = "table1") -> None:
+    """A finished job folder as ``disc_pl.report`` reads it: .hydra config + overrides,
+    metrics.json and results.csv (``rows``: dicts with the same keys)."""
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(
+        f"prior: {{name: {prior}}}\nmanifold: {{name: dep}}\nspace: {{name: lso}}\n"
+        f"query: {{corruption: {{name: null, severity: 3}}}}\nexperiment_name: {experiment}\n")
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    with (job / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -15,13 +15,13 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from conftest import TEST_SEED, TOY_MODEL, compose_cfg
+from fixtures_data import write_report_job
 
 from disc_pl import report as report_lib
 
@@ -119,20 +119,6 @@ def test_report_on_a_real_multirun(tmp_path, cache_dir):
     assert len(saved["query_id"]) == 4
 
 
-def _fake_job(root: Path, name: str, overrides: list[str], prior: str, metrics: dict, rows: list[dict]) -> None:
-    job = root / name
-    (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "config.yaml").write_text(
-        f"prior: {{name: {prior}}}\nmanifold: {{name: dep}}\nspace: {{name: lso}}\n"
-        "query: {corruption: {name: null, severity: 3}}\nexperiment_name: table1\n")
-    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (job / "metrics.json").write_text(json.dumps(metrics))
-    with (job / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
     def rows(*mse):
         return [{"query_id": i, "flipped": "True", "mse": v, "concentration": 0.5, "in_mask": ""}
@@ -140,9 +126,9 @@ def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
 
     cd = {"cd/mean": 0.2, "cd/std": 0.0, "cd/per_seed": [0.2], "cd/gt_mean": 0.0, "cd/gt_std": 0.0,
           "cd/identity_mean": 0.4, "cd/identity_std": 0.0}
-    _fake_job(tmp_path, "0", ["prior=inr", "seed=0"], "inr", {**cd, "cd/per_seed": [0.1, 0.3]}, rows(1.0, 3.0))
-    _fake_job(tmp_path, "1", ["prior=inr", "seed=1"], "inr", {**cd, "cd/per_seed": [0.5]}, rows(5.0))
-    _fake_job(tmp_path, "2", ["prior=inr", "seed=0", "inversion.relax=0.9"], "inr", cd, rows(2.0))
+    write_report_job(tmp_path, "0", ["prior=inr", "seed=0"], "inr", {**cd, "cd/per_seed": [0.1, 0.3]}, rows(1.0, 3.0))
+    write_report_job(tmp_path, "1", ["prior=inr", "seed=1"], "inr", {**cd, "cd/per_seed": [0.5]}, rows(5.0))
+    write_report_job(tmp_path, "2", ["prior=inr", "seed=0", "inversion.relax=0.9"], "inr", cd, rows(2.0))
     methods = report_lib.group_methods(report_lib.find_jobs(tmp_path))
     assert [m.name for m in methods] == ["LSO+INR+DEP", "LSO+INR+DEP [inversion.relax=0.9]"]
     pooled = report_lib.method_stats(methods[0])

@@ -14,6 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
+from fixtures_data import write_report_job
+
 from disc_pl.cf.engine import is_flipped
 from disc_pl.cf.pgd import targeted_pgd
 from disc_pl.data.fashion_mnist import CLASS_NAMES, FashionMNISTDataModule
@@ -288,20 +290,7 @@ def test_ensure_judges_trains_k_distinct_cached_models(tmp_path):
 
 
 def _job(root: Path, name: str, seed: int, metrics: dict, rows: list[dict]) -> None:
-    import csv
-    import json
-
-    job = root / name
-    (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "config.yaml").write_text(
-        "prior: {name: inr}\nmanifold: {name: dep}\nspace: {name: lso}\n"
-        "query: {corruption: {name: null, severity: 3}}\nexperiment_name: validity\n")
-    (job / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
-    (job / "metrics.json").write_text(json.dumps(metrics))
-    with (job / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_report_job(root, name, [f"seed={seed}"], "inr", metrics, rows, experiment="validity")
 
 
 def test_report_has_judge_columns_reference_rows_and_cpu(tmp_path):
