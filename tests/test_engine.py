@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from analytic import PatchReader
 
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals, is_flipped
+from disc_pl.cf.gate import GateOptions
 from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
 from disc_pl.cf.objective import Term, default_objective
 from disc_pl.cf.priors import TVPrior
@@ -58,7 +59,7 @@ def _analytic_opts(prior: str, gate: bool, **kw) -> InversionOptions:
     schedule = ([Stage(["out"], 20, 3), Stage(["all"], 20, 3)] if prior == "inr"
                 else [Stage(["pixels"], 150, 3)])
     base = dict(space="iso", lambda_sem=10.0, lr=3e-3 if prior == "inr" else 1e-3, recon_steps=40 if prior == "inr" else 0,
-                psnr_target=30.0, target_margin=0.2, stages=schedule, localize_grid=8 if gate else 0)
+                psnr_target=30.0, target_margin=0.2, stages=schedule, gate=GateOptions() if gate else None)
     base.update(kw)
     return InversionOptions(**base)
 
@@ -144,8 +145,8 @@ def test_engine_matches_a_plain_reference_loop(float64):
 def test_query_that_cannot_flip_keeps_best_attempt():
     model = PatchReader()
     images, targets = analytic.patch_queries(2)
-    # localize_grid=0: one search, so its 5 steps are all there is (the gate's fallback is in test_gate.py)
-    opts = options(space="iso", recon_steps=0, lr=1e-5, stages=[Stage(["pixels"], 5, 1)], localize_grid=0)
+    # gate=None: one search, so its 5 steps are all there is (the gate's fallback is in test_gate.py)
+    opts = options(space="iso", recon_steps=0, lr=1e-5, stages=[Stage(["pixels"], 5, 1)], gate=None)
     out = generate_counterfactuals(model, images, targets, prior="tv", options=opts)
     assert out.status == ["not_flipped", "not_flipped"]
     assert torch.isfinite(out.images).all()

@@ -9,7 +9,7 @@ import torch
 from analytic import PatchReader, SpreadReader
 
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
-from disc_pl.cf.gate import SpatialGate
+from disc_pl.cf.gate import GateOptions, SpatialGate
 from disc_pl.cf.losses import DEPManifold
 from disc_pl.metrics import functional as M
 
@@ -42,11 +42,15 @@ def patch_queries():
     return analytic.patch_queries(4)
 
 
+def _gate(grid: int) -> GateOptions | None:
+    return GateOptions(grid=grid) if grid else None
+
+
 def _opts(grid: int) -> InversionOptions:
     # Adam moves every free pixel at the same rate, so the ungated change covers the image
     # evenly; the gate has to learn where to open before the query flips (small lr).
     return InversionOptions(space="iso", lambda_sem=10.0, lr=1e-3, recon_steps=0, target_margin=0.2,
-                            stages=[Stage(["pixels"], 300, 5)], localize_grid=grid)
+                            stages=[Stage(["pixels"], 300, 5)], gate=_gate(grid))
 
 
 def test_gate_moves_the_change_onto_the_evidence(patch_queries):
@@ -70,7 +74,7 @@ def test_gate_localizes_inr_dep_counterfactuals_on_the_mouth(faces, toy_classifi
     results = {}
     for grid in (0, 8):
         opts = InversionOptions(lr=3e-3, recon_steps=150, psnr_target=30.0, target_margin=0.2,
-                                lambda_mc=0.3, localize_grid=grid,
+                                lambda_mc=0.3, gate=_gate(grid),
                                 stages=[Stage(["out"], 60, 5), Stage(["hidden1", "out"], 60, 5),
                                         Stage(["all"], 80, 5)])
         out = generate_counterfactuals(toy_classifier, images, targets, prior="inr", prior_hparams=SMALL_INR,
@@ -87,9 +91,10 @@ def test_query_the_gate_cannot_flip_falls_back_to_the_paper_objective(patch_quer
     model = SpreadReader()
     x, t = patch_queries
     x, t = x[:2], t[:2]
-    strict = dataclasses.replace(_opts(8), lambda_area=500.0, stages=[Stage(["pixels"], 60, 5)])
+    strict = dataclasses.replace(_opts(8), gate=GateOptions(lambda_area=500.0), stages=[Stage(["pixels"], 60, 5)])
     alone = generate_counterfactuals(model, x, t, prior="tv",
-                                     options=dataclasses.replace(strict, gate_fallback=False))
+                                     options=dataclasses.replace(strict, gate=GateOptions(lambda_area=500.0,
+                                                                                          fallback=False)))
     assert alone.status == ["not_flipped"] * 2 and alone.localized.all()
     rescued = generate_counterfactuals(model, x, t, prior="tv", options=strict)
     assert rescued.status == ["flipped"] * 2 and not rescued.localized.any()

@@ -66,7 +66,12 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["localize.grid=64"], "localize.grid", "64", "cannot be finer than the 32x32 image"),
     (["localize.grid=0"], "localize.grid", "0", "must be an integer >= 1"),
     (["localize.lambda_area=-1"], "localize.lambda_area", "-1", "must be a number >= 0"),
-    (["localize=none", "localize.grid=8"], "localize.grid", "8", "localize=none has no gate"),
+    (["localize=none", "+localize.grid=8"], "localize.grid", "8", "unknown key (a typo?); arguments of "
+     "disc_pl.cf.gate.no_gate: _target_, name"),
+    (["space.layers=[]"], "space.layers", "[]", "space=lso needs a non-empty list of feature-map indices"),
+    (["space.layers=[0,4]"], "space.layers", "[0, 4]", "the classifier exposes 4 feature maps"),
+    (["manifold=duq", "manifold.margin=-1"], "manifold.margin", "-1", "must be a number >= 0"),
+    (["manifold.lambda_mc=-0.1"], "manifold.lambda_mc", "-0.1", "must be a number >= 0"),
 ])
 def test_bad_value_fails_before_any_work(tmp_path, overrides, key, shown, allowed):
     err = run_fails(tmp_path, overrides)
@@ -141,7 +146,7 @@ def test_config_error_survives_pickling(tmp_path):
 
 
 def test_unknown_key_added_to_a_group_option(tmp_path):
-    err = run_fails(tmp_path, ["+manifold.margn=1"])
+    err = run_fails(tmp_path, ["manifold=duq", "+manifold.margn=1"])
     assert err.key == "manifold.margn" and "lambda_mc, margin, name" in err.allowed
 
 
@@ -163,3 +168,9 @@ def test_every_shipped_option_and_experiment_passes_validation():
             validate_run_config(compose_cfg([f"experiment={p.stem}", "cache_dir=/unused"], name))
     for model in ("classifier", "duq"):
         validate_train_config(compose_cfg([f"model={model}", "cache_dir=/unused"], "train"))
+
+
+def test_localize_none_has_no_gate_keys_to_set():
+    """localize=none builds no gate: its grid cannot be set (no `grid 0 = off` twin of the option)."""
+    with pytest.raises(ConfigCompositionException, match="grid"):
+        compose_cfg(["localize=none", "localize.grid=8"])

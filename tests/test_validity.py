@@ -357,7 +357,7 @@ def test_eot_objective_runs_and_status_matches_the_unviewed_image(toy_classifier
     from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
 
     images, targets, _ = toy_queries
-    opts = InversionOptions(lr=3e-3, recon_steps=0, target_margin=0.2, localize_grid=0, eot_views=2,
+    opts = InversionOptions(lr=3e-3, recon_steps=0, target_margin=0.2, gate=None, eot_views=2,
                             stages=[Stage(["all"], 20, 5)])
     out = generate_counterfactuals(toy_classifier, images[:2], targets[:2], prior="tv", options=opts)
     assert out.images.shape == images[:2].shape and out.images.min() >= 0 and out.images.max() <= 1

@@ -168,9 +168,10 @@ class Bench:
         stages = [Stage(groups=list(s.groups), steps=self.stage_steps, min_steps=self.stage_steps + 1)
                   for s in options.stages]  # min_steps > steps: a flipped query never leaves
         recon = self.recon_steps if options.recon_steps > 0 else 0  # tv: nothing to reconstruct
-        # gate_fallback off: a fixed amount of work per query (no second search for unflipped ones)
+        # gate fallback off: a fixed amount of work per query (no second search for unflipped ones)
+        gate = replace(options.gate, fallback=False) if options.gate is not None else None
         return replace(options, stages=stages, recon_steps=recon, psnr_target=1e9, log_every=0,
-                       gate_fallback=False), factory
+                       gate=gate), factory
 
     def generate(self, prior: str, rows: slice, options: InversionOptions | None = None, hparams=None):
         """``hparams``: the prior's generator factory (``Bench.options``)."""
@@ -238,7 +239,7 @@ def step_split(bench: Bench, prior: str) -> dict:
     step_ms = step_s * 1e3
     parts["other"] = max(step_ms - sum(parts.values()), 0.0)
     return {"prior": prior, "batch_size": bench.split_batch, "stage": "all", "step_ms": step_ms,
-            "step_cpu_ms": step_cpu_s * 1e3, "gate": bool(options.localize_grid),
+            "step_cpu_ms": step_cpu_s * 1e3, "gate": options.gate is not None,
             **{f"{k}_ms": v for k, v in parts.items()},
             **{f"{k}_fraction": v / step_ms for k, v in parts.items()}}
 

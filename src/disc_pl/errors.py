@@ -73,6 +73,28 @@ class ConfigError(UserError, ValueError):
         return type(self), (self.problems,)
 
 
+def is_number(value: Any, low: float | None = None, low_open: bool = False) -> bool:
+    """A finite real number (not a bool), optionally ``>= low`` (``> low`` with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")):
+        return False
+    return low is None or (value > low if low_open else value >= low)
+
+
+def is_integer(value: Any, low: int | None = None) -> bool:
+    """An int (not a bool), optionally ``>= low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+
+
+def require(prefix: str, checks: Sequence[tuple[str, Any, bool, str]]) -> None:
+    """One :class:`ConfigError` for every failed ``(key, value, ok, allowed)`` of a config part
+    (keys under ``prefix``, e.g. ``localize``); nothing when all are ok. A part's constructor
+    validates its own options with it."""
+    problems = [Problem(f"{prefix}.{key}", value, allowed) for key, value, ok, allowed in checks if not ok]
+    if problems:
+        raise ConfigError(problems)
+
+
 class DatasetError(UserError, ValueError):
     """The data on disk is not usable (empty class folder, unreadable image, malformed file)."""
 

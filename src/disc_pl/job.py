@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from disc_pl import tracking
 from disc_pl.errors import ConfigError
-from disc_pl.cf.engine import InversionOptions, Stage
-from disc_pl.cf.losses import DEPManifold, DUQManifold
+from disc_pl.cf.engine import InversionOptions, prior_schedule
+from disc_pl.cf.losses import Manifold
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
 from disc_pl.cf.progress import QueryProgress
 from disc_pl.cf.results import (check_config_stamp, ensure_writable_dir, finished_query_ids, flatten, merge_parts,
@@ -43,31 +43,29 @@ from disc_pl.viz import captions_from_rows, save_grid
 log = logging.getLogger(__name__)
 
 
-def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, Any]:
+def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tuple[InversionOptions, Any]:
     """Engine options and the generator factory ``(images, seeds) -> Prior`` (``prior.hparams``
-    instantiated, once) from the composed config."""
-    inv, prior, space, manifold = cfg.inversion, cfg.prior, cfg.space, cfg.manifold
-    stages = [Stage(groups=list(g), steps=int(inv.steps_per_stage), min_steps=int(inv.min_steps))
-              for g in prior.stages]
-    recon = prior.get("recon") or {}
+    instantiated, once) from the composed config. The ``space`` and ``localize`` groups build
+    their objects (a ``SemanticSpace``; ``GateOptions`` or None), ``manifold`` (built here when
+    not given) contributes its weight."""
+    inv = cfg.inversion
+    space, gate = instantiate(cfg.space), instantiate(cfg.localize)
+    manifold = manifold if manifold is not None else instantiate(cfg.manifold)
     options = InversionOptions(
-        space=space.name, layers=tuple(space.layers), lambda_sem=float(space.lambda_sem),
-        lambda_mc=float(manifold.lambda_mc), lambda_fc=float(inv.lambda_fc), relax=float(inv.relax),
-        lr=float(prior.lr), stages=stages, target_margin=float(inv.target_margin),
-        recon_steps=int(recon.get("max_steps", 0)), psnr_target=float(recon.get("psnr_target", 35.0)),
-        recon_lr=recon.get("lr"), log_every=int(inv.log_every),
-        localize_grid=int(cfg.localize.grid), lambda_area=float(cfg.localize.lambda_area),
-        gate_lr=float(cfg.localize.lr), gate_init=float(cfg.localize.init),
-        gate_fallback=bool(cfg.localize.fallback), eot_views=int(inv.get("eot_views", 0)),
+        **prior_schedule(cfg.prior, inv.steps_per_stage, inv.min_steps),  # lr, stages, recon: the prior's
+        space=space, lambda_sem=space.lambda_sem, lambda_mc=manifold.lambda_mc, gate=gate,
+        lambda_fc=float(inv.lambda_fc), relax=float(inv.relax), target_margin=float(inv.target_margin),
+        log_every=int(inv.log_every), eot_views=int(inv.get("eot_views", 0)),
         eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)))
-    return options, instantiate(prior.hparams)
+    return options, instantiate(cfg.prior.hparams)
 
 
-def load_run_classifier(cfg: DictConfig, dm) -> tuple[torch.nn.Module, Path]:
+def load_run_classifier(cfg: DictConfig, dm, manifold: Manifold | None = None) -> tuple[torch.nn.Module, Path]:
     """The classifier to explain, and the file it came from.
 
     disc_pl classifiers are trained into the cache if missing. A bring-your-own classifier
-    (``model@models.classifier=byo``) is the user's file, wrapped; with ``manifold=dep`` and no
+    (``model@models.classifier=byo``) is the user's file, wrapped; when the manifold (built from
+    ``cfg.manifold`` when not given) ``needs_dep`` (``manifold=dep``) and there is no
     ``models.classifier.dep_path`` its post-hoc DEP head is fitted once into the cache."""
     mcfg = cfg.models.classifier
     if not is_byo(mcfg):
@@ -75,7 +73,8 @@ def load_run_classifier(cfg: DictConfig, dm) -> tuple[torch.nn.Module, Path]:
                             datamodule=dm)
         return load_classifier(path), path
     wrapper = build_model(mcfg, dm)
-    if cfg.manifold.name == "dep" and mcfg.get("dep_path") is None:
+    manifold = manifold if manifold is not None else instantiate(cfg.manifold)
+    if manifold.needs_dep and mcfg.get("dep_path") is None:
         head = ensure_model(mcfg, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir, train_fn=train_model,
                             datamodule=dm)
         load_posthoc_dep(wrapper, head)
@@ -84,16 +83,16 @@ def load_run_classifier(cfg: DictConfig, dm) -> tuple[torch.nn.Module, Path]:
     return wrapper.eval(), Path(str(mcfg.path))
 
 
-def build_manifold(cfg: DictConfig, classifier: torch.nn.Module) -> torch.nn.Module | None:
-    name = cfg.manifold.name
-    if name == "none":
-        return None
-    if name == "dep":
-        return DEPManifold(classifier)
-    if name == "duq":
-        path = ensure_model(cfg.models.duq, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir, train_fn=train_model)
-        return DUQManifold(load_duq(path), margin=float(cfg.manifold.margin))
-    raise ConfigError.one("manifold.name", name, "must be none, dep or duq (manifold=none|dep|duq)")
+def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manifold | None = None
+                   ) -> torch.nn.Module | None:
+    """The L_mc model of the ``manifold`` group's object (built from ``cfg.manifold`` when not
+    given) for ``classifier``; a DUQ model it asks for is trained into the cache or reused."""
+    manifold = manifold if manifold is not None else instantiate(cfg.manifold)
+
+    def duq() -> torch.nn.Module:
+        return load_duq(ensure_model(cfg.models.duq, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir,
+                                     train_fn=train_model))
+    return manifold(classifier, duq)
 
 
 def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[list[int], int, int]:
@@ -196,15 +195,16 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     stamp = result_config(cfg)
     check_config_stamp(out_dir, stamp)  # parts made under other values are refused, before any work
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    options, prior_factory = inversion_options(cfg)  # validates before any training
+    manifold_choice = instantiate(cfg.manifold)  # the manifold group's factory
+    options, prior_factory = inversion_options(cfg, manifold_choice)
     dm = instantiate(cfg.dataset)
     dm.setup()
     validate_with_data(cfg, dm)  # query classes / indices, before any model is trained
     # Test-time corruption of the queries only (paper Figure 8); validated before any training.
     query_data = corrupted(dm.dataset(cfg.query.split), cfg.query.get("corruption"), int(cfg.seed))
-    classifier, classifier_path = load_run_classifier(cfg, dm)
+    classifier, classifier_path = load_run_classifier(cfg, dm, manifold_choice)
     check_model_fits_data(classifier, dm, "models.classifier", classifier_path)
-    manifold = build_manifold(cfg, classifier)
+    manifold = build_manifold(cfg, classifier, manifold_choice)
     indices, source, target = select_queries(dm, classifier, cfg.query)
 
     remove_stale_temps(out_dir)  # a killed run's half-written part (never read as a part)

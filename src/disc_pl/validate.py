@@ -333,56 +333,71 @@ def _check_inversion(ch: _Checks) -> None:
     ch.integer("inversion.log_every", 0)
 
 
-def _check_localize(ch: _Checks) -> None:
-    name = ch.choice("localize.name", ("gate", "none"))
-    size = ch.get("dataset.image_size")
-    grid = ch.integer("localize.grid", 1 if name == "gate" else 0)
-    if name == "none" and _is_int(grid) and grid != 0:
-        ch.add("localize.grid", grid, "localize=none has no gate: keep grid 0, or choose localize=gate")
-    if name == "gate" and _is_int(grid) and _is_int(size) and grid > size:
-        ch.add("localize.grid", grid, f"the gate cannot be finer than the {size}x{size} image: use a grid "
-               f"between 1 and {size} (8 suits 32-96 px)")
-    ch.number("localize.lambda_area", 0)
-    ch.number("localize.lr", 0, low_open=True)
-    ch.number("localize.init")
-    ch.boolean("localize.fallback")
-
-
 def _check_output(ch: _Checks) -> None:
     ch.integer("output.grid_max", 0)
     ch.boolean("output.save_tensors")
 
 
-def _check_space_and_manifold(ch: _Checks) -> None:
-    space = ch.choice("space.name", ("lso", "iso"))
-    ch.number("space.lambda_sem", 0)
-    layers = ch.get("space.layers")
-    if space == "lso" and layers is not ABSENT:
-        clf = OmegaConf.select(ch.cfg, "models.classifier")
-        n_maps = 4 if isinstance(clf, DictConfig) and not is_byo(clf) else None  # ResNet-18 taps
-        ok = isinstance(layers, list) and layers and all(_is_int(i) for i in layers)
-        if ok and n_maps is not None:
-            ok = all(-n_maps <= i < n_maps for i in layers)
-        if not ok:
-            ch.add("space.layers", layers, "space=lso needs a non-empty list of feature-map indices "
-                   "(0..3 = ResNet-18 layer1..layer4); or use space=iso to compare pixels")
-    manifold = ch.choice("manifold.name", ("none", "dep", "duq"))
-    ch.number("manifold.lambda_mc", 0)
-    if manifold == "duq":
-        ch.number("manifold.margin", 0)
+def _build_part(ch: _Checks, key: str) -> Any:
+    """The object config group ``key`` builds (as the job builds it), or None when it cannot be
+    built: its keys must be arguments of its ``_target_``, and the problems its constructor
+    raises (a ConfigError naming the key and the fix) join the others."""
+    node = OmegaConf.select(ch.cfg, key)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        ch.add(key, _plain(node) if node is not None else ABSENT,
+               f"must be an option of conf/{key}/ (an object: _target_ + its arguments)")
+        return None
+    before = len(ch.problems)
+    _check_target_keys(ch, key)
+    if len(ch.problems) > before:
+        return None
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except Exception as err:  # noqa: BLE001 - hydra wraps what the constructor raised
+        cause = err if isinstance(err, ConfigError) else err.__cause__
+        if isinstance(cause, ConfigError):
+            for p in cause.problems:
+                ch.add(p.key, p.value, p.allowed)
+        else:
+            ch.add(key, _plain(node), f"cannot be built: {cause or err}")
+        return None
+
+
+def _check_parts(ch: _Checks) -> None:
+    """The ``space``, ``manifold`` and ``localize`` objects (each checks its own options), and
+    what they need from the rest of the config."""
+    space, manifold = _build_part(ch, "space"), _build_part(ch, "manifold")
+    gate = _build_part(ch, "localize")
     clf = OmegaConf.select(ch.cfg, "models.classifier")
-    if manifold == "dep" and isinstance(clf, DictConfig) and not is_byo(clf):
-        if ch.get("models.classifier.use_dep") is False:
-            ch.add("models.classifier.use_dep", False, "manifold=dep needs the classifier's DEP loss "
-                   "predictor: set models.classifier.use_dep=true (the default), or choose manifold=duq "
-                   "or manifold=none")
-    if manifold == "duq":
+    ours = isinstance(clf, DictConfig) and not is_byo(clf)
+    if space is not None and ours:
+        try:
+            space.check_feature_maps(4)  # the ResNet-18 taps
+        except ConfigError as err:
+            ch.add(err.key, err.value, err.allowed)
+    size = ch.get("dataset.image_size")
+    if gate is not None and _is_int(size):
+        try:
+            gate.check_image(size)
+        except ConfigError as err:
+            ch.add(err.key, err.value, err.allowed)
+    if manifold is None:
+        return
+    if manifold.needs_dep and ours and ch.get("models.classifier.use_dep") is False:
+        ch.add("models.classifier.use_dep", False, f"manifold={manifold.name} needs the classifier's DEP loss "
+               "predictor: set models.classifier.use_dep=true (the default), or choose manifold=duq "
+               "or manifold=none")
+    if manifold.needs_duq:
         duq = OmegaConf.select(ch.cfg, "models.duq")
         if not isinstance(duq, DictConfig) or "_target_" not in duq:
             byo = " (it is trained on the dataset, also for a bring-your-own classifier)" if is_byo(clf) else ""
             ch.add("models.duq", _plain(duq) if duq is not None else ABSENT,
-                   f"manifold=duq needs a DUQ model to train{byo}: keep the default model@models.duq=duq, "
-                   "or choose manifold=dep or manifold=none")
+                   f"manifold={manifold.name} needs a DUQ model to train{byo}: keep the default "
+                   "model@models.duq=duq, or choose manifold=dep or manifold=none")
+        else:
+            _check_model(ch, "models.duq")  # models.duq is only trained when a manifold needs it
 
 
 def _check_prior(ch: _Checks) -> None:
@@ -461,19 +476,15 @@ def validate_run_config(cfg: DictConfig) -> None:
     ch.known_keys("", _allowed_top_level("run"), "top-level keys of conf/run.yaml")
     for section in ("query", "inversion", "output"):
         ch.known_keys(section, ref[section].keys(), f"keys of {section}")
-    for group in ("prior", "manifold", "space", "localize"):
-        ch.known_keys(group, _group_keys(group), f"keys of the {group} options")
+    ch.known_keys("prior", _group_keys("prior"), "keys of the prior options")
     _check_top_level(ch)
     _check_dataset(ch)
     _check_model(ch, "models.classifier")
-    if OmegaConf.select(cfg, "manifold.name") == "duq":  # models.duq is only trained for manifold=duq
-        _check_model(ch, "models.duq")
     _check_trainer(ch)
     _check_query(ch)
     _check_inversion(ch)
-    _check_localize(ch)
     _check_output(ch)
-    _check_space_and_manifold(ch)
+    _check_parts(ch)
     _check_prior(ch)
     if OmegaConf.select(cfg, "logger") is not None:
         _check_target_keys(ch, "logger")

@@ -6,7 +6,9 @@ The Python API (no Hydra needed)::
 """
 from disc_pl.cf.engine import (CounterfactualBatch, InversionOptions, Stage, generate_counterfactuals,
                                is_flipped)
-from disc_pl.cf.losses import DEPManifold, DUQManifold, SemanticLoss, functional_loss
+from disc_pl.cf.gate import GateOptions
+from disc_pl.cf.losses import (DEPManifold, DUQManifold, LatentSpace, PixelSpace, SemanticLoss, SemanticSpace,
+                               functional_loss)
 from disc_pl.cf.objective import (AreaTerm, FunctionalTerm, ManifoldTerm, PriorTerm, SemanticTerm, Step, Term,
                                   default_objective)
 from disc_pl.cf.priors import DIPPrior, INRPrior, Prior, TVPrior, build_prior
@@ -14,4 +16,5 @@ from disc_pl.cf.priors import DIPPrior, INRPrior, Prior, TVPrior, build_prior
 __all__ = ["CounterfactualBatch", "InversionOptions", "Stage", "generate_counterfactuals", "is_flipped",
            "DEPManifold", "DUQManifold", "SemanticLoss", "functional_loss", "Prior", "TVPrior", "DIPPrior",
            "INRPrior", "build_prior", "Term", "Step", "SemanticTerm", "ManifoldTerm", "FunctionalTerm",
-           "PriorTerm", "AreaTerm", "default_objective"]
+           "PriorTerm", "AreaTerm", "default_objective", "GateOptions", "SemanticSpace", "LatentSpace",
+           "PixelSpace"]

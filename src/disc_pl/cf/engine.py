@@ -17,7 +17,7 @@ How a batch is optimised (SPEC sections 2-5):
    generator: the reconstruction error (e.g. 1-3 % at 30-35 dB, spread over the whole image)
    is not counted as a change, so x' = x exactly when the counterfactual stages begin and every
    difference |x - x'| is one the objective asked for, shaped by the prior.
-   With ``localize_grid > 0`` (default in ``conf/run.yaml``; not in the paper) a soft spatial
+   With ``options.gate`` set (default in ``conf/run.yaml``; not in the paper) a soft spatial
    gate m (``disc_pl.cf.gate``) is learned with the generator: x' = x + m * (G - x), plus
    ``lambda_area * mean(m)`` in the objective, so the change collects where the classifier
    reads the class (term ``area``).
@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 from torch.profiler import record_function
 
-from disc_pl.cf.gate import SpatialGate
-from disc_pl.cf.losses import per_sample_mse
+from disc_pl.cf.gate import GateOptions, SpatialGate
+from disc_pl.cf.losses import SemanticSpace, per_sample_mse
 from disc_pl.cf.objective import Step, Term, check_objective, default_objective
 from disc_pl.cf.optim import RowAdam
 from disc_pl.cf.priors import Prior, build_prior
@@ -64,8 +64,8 @@ class Stage:
 class InversionOptions:
     """Every coefficient of the objective and the schedule. Defaults suit the synthetic set."""
 
-    space: str = "lso"                      # lso: classifier activations, iso: pixels
-    layers: Sequence[int] = (0, 1, 2, 3)    # feature maps compared in LSO
+    space: SemanticSpace | str = "lso"      # a SemanticSpace (cf/losses.py); by name: lso | iso
+    layers: Sequence[int] = (0, 1, 2, 3)    # feature maps compared by space="lso" (given by name)
     lambda_sem: float = 1.0                 # lambda1, relaxed by `relax` every stage
     lambda_mc: float = 1.0                  # lambda2 (ignored when manifold is None)
     lambda_fc: float = 1.0                  # lambda3
@@ -78,11 +78,8 @@ class InversionOptions:
     recon_lr: float | None = None           # None: the prior's own default
     residual: bool = True                   # x' = x + G(z) - G_0(z): see module docstring
     # Localization gate (cf/gate.py; not in the paper): x' = x + m * (G - x), + lambda_area * mean(m)
-    localize_grid: int = 8                  # gate cells per side; 0 = off (the paper's objective)
-    lambda_area: float = 50.0
-    gate_lr: float = 0.1                    # Adam lr of the gate logits
-    gate_init: float = -3.0                 # initial logit: sigmoid(-3) = 0.05 open
-    gate_fallback: bool = True              # queries the gated search cannot flip are redone ungated
+    # None = off (the paper's objective); GateOptions: grid, lambda_area, lr, init, fallback
+    gate: GateOptions | None = field(default_factory=GateOptions)
     log_every: int = 10                     # call `on_log` every N steps (0 = never)
     # Expectation over transformations (not in the paper): the functional term is averaged over
     # `eot_views` random views of x' (sub-pixel shifts up to `eot_shift` px, Gaussian noise
@@ -95,15 +92,14 @@ class InversionOptions:
         checks = {"lr": self.lr > 0, "relax": 0 < self.relax <= 1, "lambda_sem": self.lambda_sem >= 0,
                   "lambda_mc": self.lambda_mc >= 0, "lambda_fc": self.lambda_fc > 0,
                   "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1,
-                  "localize_grid": self.localize_grid >= 0, "lambda_area": self.lambda_area >= 0,
-                  "gate_lr": self.gate_lr > 0, "eot_views": self.eot_views >= 0,
+                  "eot_views": self.eot_views >= 0,
                   "eot_shift": self.eot_shift >= 0, "eot_noise": self.eot_noise >= 0}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"inversion.{key}={getattr(self, key)!r} is out of range "
                                  "(lr, lambda_fc > 0; lambdas >= 0; 0 < relax <= 1; "
-                                 "0 <= target_margin < 1; recon_steps >= 0; localize_grid >= 0; "
-                                 "lambda_area >= 0; gate_lr > 0; eot_views, eot_shift, eot_noise >= 0)")
+                                 "0 <= target_margin < 1; recon_steps >= 0; "
+                                 "eot_views, eot_shift, eot_noise >= 0)")
         if not self.stages:
             raise ValueError("inversion needs at least one stage (prior.stages)")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
@@ -111,6 +107,17 @@ class InversionOptions:
             if s.steps <= 0 or s.min_steps < 0:
                 raise ValueError(f"stage {i}: steps={s.steps}, min_steps={s.min_steps}; "
                                  "steps must be > 0 and min_steps >= 0")
+
+
+def prior_schedule(prior: Mapping, steps_per_stage: int, min_steps: int) -> dict:
+    """The ``InversionOptions`` a prior's config owns: its stage lr and layer-group stages
+    (``lr``, ``stages``) and its reconstruction (``recon.max_steps``, ``recon.psnr_target``,
+    ``recon.lr``), each stage ``steps_per_stage`` long with ``min_steps`` before an early stop."""
+    recon = prior.get("recon") or {}
+    return dict(lr=float(prior["lr"]), stages=[Stage(list(g), int(steps_per_stage), int(min_steps))
+                                               for g in prior["stages"]],
+                recon_steps=int(recon.get("max_steps", 0)), psnr_target=float(recon.get("psnr_target", 35.0)),
+                recon_lr=recon.get("lr"))
 
 
 @dataclass
@@ -193,9 +200,9 @@ def _invert(
     else:
         render = gen
     gate = None
-    if opts.localize_grid:
-        gate = SpatialGate(B, opts.localize_grid, tuple(images.shape[-2:]), opts.gate_init, device)
-        gate_optim = RowAdam([gate.logits], lr=opts.gate_lr)
+    if opts.gate is not None:
+        gate = SpatialGate(B, opts.gate.grid, tuple(images.shape[-2:]), opts.gate.init, device)
+        gate_optim = RowAdam([gate.logits], lr=opts.gate.lr)
     with torch.no_grad():
         logits0, feats0 = classifier.forward_features(images)
         states = {t.name: t.prepare(images, feats0) for t in objective}
@@ -326,7 +333,7 @@ def generate_counterfactuals(
     ``seeds[i]`` seeds query i's generator; results for a query depend only on its image, target
     and seed, not on the rest of the batch. See the module docstring for the algorithm.
 
-    With the localization gate on and ``gate_fallback`` (default), a query the gated search
+    With the localization gate on and ``gate.fallback`` (default), a query the gated search
     does not flip is optimised again from scratch with the paper's objective (no gate, same
     seed); ``localized[i]`` says which search the returned image came from, and ``steps``
     counts both. A query is thus never left unflipped only because its evidence is not local.
@@ -349,11 +356,11 @@ def generate_counterfactuals(
     kwargs = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, objective=objective, on_log=on_log)
     out = _invert(classifier, images, targets, options=opts, seeds=seeds, **kwargs)
     redo = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED]
-    if not (opts.localize_grid and opts.gate_fallback and redo and not isinstance(prior, Prior)):
+    if not (opts.gate is not None and opts.gate.fallback and redo and not isinstance(prior, Prior)):
         return out
     rows = torch.tensor(redo)
     again = _invert(classifier, images[rows.to(images.device)], targets[rows.to(targets.device)],
-                    options=dataclasses.replace(opts, localize_grid=0), seeds=[seeds[i] for i in redo],
+                    options=dataclasses.replace(opts, gate=None), seeds=[seeds[i] for i in redo],
                     **kwargs)
     # The ungated result replaces the gated attempt when it flipped, or when neither flipped
     # and it came closer (higher target probability).

@@ -17,9 +17,45 @@ docs/FINDINGS.md. ``localize=none`` turns it off and restores the paper's object
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from disc_pl.errors import ConfigError, is_integer, is_number, require
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """The gate's options: what ``localize=gate`` builds (``conf/localize/gate.yaml``);
+    ``localize=none`` builds ``None`` (``no_gate``): no gate, the paper's objective."""
+
+    grid: int = 8             # gate cells per side
+    lambda_area: float = 50.0  # weight of the gated fraction of the image (term ``area``)
+    lr: float = 0.1           # Adam lr of the gate logits
+    init: float = -3.0        # initial logit: sigmoid(-3) = 0.05 open
+    fallback: bool = True     # queries the gated search cannot flip are redone ungated
+    name: str = "gate"        # a label
+
+    def __post_init__(self) -> None:
+        require("localize", [
+            ("grid", self.grid, is_integer(self.grid, 1), "must be an integer >= 1 (or use localize=none)"),
+            ("lambda_area", self.lambda_area, is_number(self.lambda_area, 0), "must be a number >= 0"),
+            ("lr", self.lr, is_number(self.lr, 0, low_open=True), "must be a number > 0"),
+            ("init", self.init, is_number(self.init), "must be a number (a logit; -3 = 5 % open)"),
+            ("fallback", self.fallback, isinstance(self.fallback, bool), "must be true or false")])
+
+    def check_image(self, size: int) -> None:
+        """Raise ConfigError when the grid is finer than ``size`` x ``size`` images."""
+        if self.grid > size:
+            raise ConfigError.one("localize.grid", self.grid, f"the gate cannot be finer than the {size}x{size} "
+                                  f"image: use a grid between 1 and {size} (8 suits 32-96 px)")
+
+
+def no_gate(name: str = "none") -> None:
+    """``localize=none``: no gate (``name`` is only the label of the option)."""
+    return None
 
 
 class SpatialGate:

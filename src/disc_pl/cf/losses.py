@@ -8,11 +8,13 @@ divergence isolation, logging).
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from disc_pl.errors import ConfigError, is_integer, is_number, require
 
 
 def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
@@ -20,38 +22,91 @@ def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(1).mean(1)
 
 
-class SemanticLoss(nn.Module):
-    """Semantic preservation d(Phi(x'), Phi(x)) (paper eq. 3 / 5).
+class SemanticSpace(nn.Module):
+    """Semantic preservation d(Phi(x'), Phi(x)) in one space (paper eq. 3 / 5): the object the
+    ``space`` config group builds (``conf/space/*.yaml``). ``lambda_sem`` is its weight (lambda1);
+    ``name`` only labels it (run directories, report rows)."""
 
-    ``space="lso"`` compares classifier activations at ``layers`` (indices into the list
-    returned by ``forward_features``; default the four residual stages), MSE per layer,
-    summed. ``space="iso"`` compares pixels.
-    """
+    name = "space"
 
-    def __init__(self, space: str = "lso", layers: Sequence[int] = (0, 1, 2, 3)) -> None:
+    def __init__(self, lambda_sem: float = 1.0, name: str | None = None) -> None:
         super().__init__()
-        if space not in ("lso", "iso"):
-            raise ValueError(f"space={space!r} is not known; use 'lso' (latent) or 'iso' (pixels)")
-        if space == "lso" and len(layers) == 0:
-            raise ValueError("space=lso needs at least one feature layer (space.layers=[...]); "
-                             "use space=iso to compare pixels instead")
-        self.space = space
-        self.layers = tuple(int(i) for i in layers)
+        require("space", [("lambda_sem", lambda_sem, is_number(lambda_sem, 0), "must be a number >= 0")])
+        self.lambda_sem = float(lambda_sem)
+        if name is not None:
+            self.name = str(name)
+
+    def check_feature_maps(self, n: int) -> None:
+        """Raise ConfigError when this space needs feature maps a classifier with ``n`` lacks."""
 
     def reference(self, x: Tensor, feats: Sequence[Tensor]) -> list[Tensor]:
         """What the counterfactual is compared to, computed once per query batch."""
-        if self.space == "iso":
-            return [x.detach()]
-        n = len(feats)
-        bad = [i for i in self.layers if not -n <= i < n]
-        if bad:
-            raise ValueError(f"space.layers={list(self.layers)} but the classifier exposes {n} "
-                             f"feature maps (valid indices 0..{n - 1})")
-        return [feats[i].detach() for i in self.layers]
+        raise NotImplementedError
+
+    def current(self, x_cf: Tensor, feats_cf: Sequence[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
 
     def forward(self, x_cf: Tensor, feats_cf: Sequence[Tensor], reference: Sequence[Tensor]) -> Tensor:
-        current = [x_cf] if self.space == "iso" else [feats_cf[i] for i in self.layers]
-        return torch.stack([per_sample_mse(c, r) for c, r in zip(current, reference)]).sum(0)
+        return torch.stack([per_sample_mse(c, r) for c, r in zip(self.current(x_cf, feats_cf), reference)]).sum(0)
+
+
+class LatentSpace(SemanticSpace):
+    """LSO: MSE between classifier activations at ``layers`` (indices into the list returned
+    by ``forward_features``; default the four residual stages), summed over layers."""
+
+    name = "lso"
+
+    def __init__(self, layers: Sequence[int] = (0, 1, 2, 3), lambda_sem: float = 1.0, name: str | None = None) -> None:
+        super().__init__(lambda_sem, name)
+        layers = list(layers) if isinstance(layers, Sequence) and not isinstance(layers, str) else layers
+        require("space", [("layers", layers, isinstance(layers, list) and len(layers) > 0
+                           and all(is_integer(i) for i in layers),
+                           "space=lso needs a non-empty list of feature-map indices (space.layers=[0,1,2,3]: "
+                           "ResNet-18 layer1..layer4); or use space=iso to compare pixels")])
+        self.layers = tuple(int(i) for i in layers)
+
+    def check_feature_maps(self, n: int) -> None:
+        bad = [i for i in self.layers if not -n <= i < n]
+        if bad:
+            raise ConfigError.one("space.layers", list(self.layers), f"the classifier exposes {n} feature maps: "
+                                  f"use indices in 0..{n - 1} (or space=iso to compare pixels)")
+
+    def reference(self, x, feats):
+        self.check_feature_maps(len(feats))
+        return [feats[i].detach() for i in self.layers]
+
+    def current(self, x_cf, feats_cf):
+        return [feats_cf[i] for i in self.layers]
+
+
+class PixelSpace(SemanticSpace):
+    """ISO: pixel MSE between x' and x."""
+
+    name = "iso"
+
+    def reference(self, x, feats):
+        return [x.detach()]
+
+    def current(self, x_cf, feats_cf):
+        return [x_cf]
+
+
+SPACES = {"lso": LatentSpace, "iso": PixelSpace}
+
+
+def semantic_space(space: str | SemanticSpace = "lso", layers: Sequence[int] = (0, 1, 2, 3),
+                   lambda_sem: float = 1.0) -> SemanticSpace:
+    """A space object as it is, or by name (the Python API: ``space="iso"``)."""
+    if isinstance(space, SemanticSpace):
+        return space
+    if space not in SPACES:
+        raise ConfigError.one("space", space, "is not known; use 'lso' (latent) or 'iso' (pixels)")
+    return LatentSpace(layers, lambda_sem) if space == "lso" else PixelSpace(lambda_sem)
+
+
+def SemanticLoss(space: str = "lso", layers: Sequence[int] = (0, 1, 2, 3)) -> SemanticSpace:  # noqa: N802
+    """The semantic space by name (kept for the Python API; ``semantic_space``)."""
+    return semantic_space(space, layers)
 
 
 class ManifoldLoss(Protocol):
@@ -107,3 +162,62 @@ class DUQManifold(nn.Module):
 def functional_loss(logits: Tensor, target: Tensor) -> Tensor:
     """L_fc: cross entropy of F(x') to the target class, per query ``[b]``."""
     return F.cross_entropy(logits, target, reduction="none")
+
+
+class Manifold:
+    """The ``manifold`` config group (``conf/manifold/*.yaml``): a factory that builds the L_mc
+    model for the explained classifier, ``manifold(classifier, load_duq) -> nn.Module | None``.
+    ``load_duq`` is a zero-argument callable returning the (cached) DUQ model; only a manifold
+    with ``needs_duq`` calls it. ``lambda_mc`` is the term's weight (lambda2); ``name`` a label."""
+
+    name = "manifold"
+    needs_dep = False   # the classifier needs its DEP loss predictor
+    needs_duq = False   # a DUQ model is trained (models.duq)
+
+    def __init__(self, lambda_mc: float = 1.0, name: str | None = None) -> None:
+        require("manifold", [("lambda_mc", lambda_mc, is_number(lambda_mc, 0), "must be a number >= 0")])
+        self.lambda_mc = float(lambda_mc)
+        if name is not None:
+            self.name = str(name)
+
+    def __call__(self, classifier: nn.Module, load_duq: Callable[[], nn.Module] | None = None) -> nn.Module | None:
+        raise NotImplementedError
+
+
+class NoManifold(Manifold):
+    """No manifold-consistency term (the paper's "LSO + prior" baselines)."""
+
+    name = "none"
+
+    def __init__(self, lambda_mc: float = 0.0, name: str | None = None) -> None:
+        super().__init__(lambda_mc, name)
+
+    def __call__(self, classifier, load_duq=None):
+        return None
+
+
+class DEP(Manifold):
+    """Direct error prediction (``DEPManifold``) with the classifier's own loss predictor."""
+
+    name = "dep"
+    needs_dep = True
+
+    def __call__(self, classifier, load_duq=None):
+        return DEPManifold(classifier)
+
+
+class DUQ(Manifold):
+    """DUQ kernel margin (``DUQManifold``) of a DUQ model trained on the same data."""
+
+    name = "duq"
+    needs_duq = True
+
+    def __init__(self, lambda_mc: float = 1.0, margin: float = 0.5, name: str | None = None) -> None:
+        super().__init__(lambda_mc, name)
+        require("manifold", [("margin", margin, is_number(margin, 0), "must be a number >= 0")])
+        self.margin = float(margin)
+
+    def __call__(self, classifier, load_duq=None):
+        if load_duq is None:
+            raise ValueError("manifold=duq needs the DUQ model: pass load_duq (a callable returning it)")
+        return DUQManifold(load_duq(), margin=self.margin)

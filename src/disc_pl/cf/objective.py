@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from disc_pl.cf.losses import SemanticLoss, functional_loss
+from disc_pl.cf.losses import SemanticSpace, functional_loss, semantic_space
 
 
 @dataclass
@@ -61,10 +61,10 @@ class SemanticTerm(Term):
 
     name = "semantic"
 
-    def __init__(self, space: str = "lso", layers: Sequence[int] = (0, 1, 2, 3), weight: float = 1.0,
-                 relax: float = 1.0) -> None:
+    def __init__(self, space: str | SemanticSpace = "lso", layers: Sequence[int] = (0, 1, 2, 3),
+                 weight: float = 1.0, relax: float = 1.0) -> None:
         super().__init__(weight, relax)
-        self.loss = SemanticLoss(space, layers)
+        self.loss = semantic_space(space, layers)
 
     def prepare(self, images, feats):
         return self.loss.reference(images, feats)
@@ -146,7 +146,7 @@ def default_objective(options: Any, manifold: nn.Module | None = None) -> list[T
             ManifoldTerm(manifold, options.lambda_mc),
             FunctionalTerm(options.lambda_fc, getattr(options, "eot_views", 0), getattr(options, "eot_shift", 1.0),
                            getattr(options, "eot_noise", 0.02)),
-            PriorTerm(1.0), AreaTerm(options.lambda_area)]
+            PriorTerm(1.0), AreaTerm(options.gate.lambda_area if options.gate is not None else 0.0)]
 
 
 def check_objective(terms: Sequence[Term]) -> list[Term]:
