@@ -68,7 +68,7 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["localize.lambda_area=-1"], "localize.lambda_area", "-1", "must be a number >= 0"),
     (["localize=none", "+localize.grid=8"], "localize.grid", "8", "unknown key (a typo?); arguments of "
      "disc_pl.cf.gate.no_gate: _target_, name"),
-    (["space.layers=[]"], "space.layers", "[]", "space=lso needs a non-empty list of feature-map indices"),
+    (["space.layers=[]"], "space.layers", "[]", "must be a non-empty list of feature-map indices"),
     (["space.layers=[0,4]"], "space.layers", "[0, 4]", "the classifier exposes 4 feature maps"),
     (["manifold=duq", "manifold.margin=-1"], "manifold.margin", "-1", "must be a number >= 0"),
     (["manifold.lambda_mc=-0.1"], "manifold.lambda_mc", "-0.1", "must be a number >= 0"),

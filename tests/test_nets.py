@@ -95,6 +95,6 @@ def test_duq_kernel_matches_the_rbf_formula():
 
 def test_duq_net_outputs_kernel_values():
     torch.manual_seed(0)
-    net = DUQNet(3, width=4, embedding_size=8)
+    net = DUQNet(ResNet18(3, width=4), 3, embedding_size=8)
     k = net(torch.rand(2, 3, 8, 8))
     assert k.shape == (2, 3) and (k > 0).all() and (k <= 1).all()

@@ -179,9 +179,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    with tracking.tracked_job(cfg):  # thread limit, sweep job index, wandb.finish() even on errors
-        metrics = evaluate(cfg)
-    return float(metrics.get("cd/mean", float("nan")))
+    return tracking.tracked_figure(cfg, evaluate, "cd/mean")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ from disc_pl.utils import CONF_DIR
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
 def main(cfg: DictConfig) -> float:
-    with tracking.tracked_job(cfg):  # thread limit, sweep job index, wandb.finish() even on errors
-        metrics = run(cfg)
-    return float(metrics.get("cf/flip_rate", float("nan")))
+    return tracking.tracked_figure(cfg, run, "cf/flip_rate")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -186,3 +186,11 @@ def _destroy_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def tracked_figure(cfg: DictConfig, job: Callable[[DictConfig], dict], figure: str) -> float:
+    """``job(cfg)`` inside :func:`tracked_job`; its metric ``figure`` (NaN if absent) is what a
+    Hydra entry point's ``main`` returns (the sweep's objective)."""
+    with tracked_job(cfg):  # thread limit, sweep job index, wandb.finish() even on errors
+        metrics = job(cfg)
+    return float(metrics.get(figure, float("nan")))

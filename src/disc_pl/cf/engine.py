@@ -165,21 +165,12 @@ def make_prior(prior: str | Prior | PriorFactory, images: Tensor, seeds: Sequenc
     return prior(images, seeds)
 
 
-def _invert(
-    classifier: nn.Module,
-    images: Tensor,
-    targets: Tensor,
-    *,
-    prior: str | Prior | PriorFactory = "inr",
-    prior_hparams: Mapping | None = None,
-    manifold: nn.Module | None = None,
-    options: InversionOptions,
-    objective: Sequence[Term],
-    seeds: Sequence[int] | None = None,
-    on_log: Callable[[dict[str, float]], None] | None = None,
-) -> CounterfactualBatch:
-    """One inversion pass over a batch (see ``generate_counterfactuals``)."""
-    opts = options
+def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int], opts: InversionOptions,
+            pass_: dict) -> CounterfactualBatch:
+    """One inversion pass over a batch (see ``generate_counterfactuals``; ``pass_``: its
+    ``prior``, ``prior_hparams``, ``manifold``, ``objective`` and ``on_log``)."""
+    prior, prior_hparams, manifold = pass_["prior"], pass_["prior_hparams"], pass_["manifold"]
+    objective, on_log = pass_["objective"], pass_["on_log"]
     t_start = time.perf_counter()
     images = images.detach()
     B, device = images.shape[0], images.device
@@ -353,15 +344,14 @@ def generate_counterfactuals(
     if targets.shape[0] != B:
         raise ValueError(f"{B} images but {targets.shape[0]} targets")
     seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
-    kwargs = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, objective=objective, on_log=on_log)
-    out = _invert(classifier, images, targets, options=opts, seeds=seeds, **kwargs)
+    pass_ = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, objective=objective, on_log=on_log)
+    out = _invert(classifier, images, targets, seeds, opts, pass_)
     redo = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED]
     if not (opts.gate is not None and opts.gate.fallback and redo and not isinstance(prior, Prior)):
         return out
     rows = torch.tensor(redo)
     again = _invert(classifier, images[rows.to(images.device)], targets[rows.to(targets.device)],
-                    options=dataclasses.replace(opts, gate=None), seeds=[seeds[i] for i in redo],
-                    **kwargs)
+                    [seeds[i] for i in redo], dataclasses.replace(opts, gate=None), pass_)
     # The ungated result replaces the gated attempt when it flipped, or when neither flipped
     # and it came closer (higher target probability).
     better = torch.tensor([s == FLIPPED or (s == NOT_FLIPPED and float(p) > float(out.target_prob[i]))

@@ -61,7 +61,7 @@ class LatentSpace(SemanticSpace):
         layers = list(layers) if isinstance(layers, Sequence) and not isinstance(layers, str) else layers
         require("space", [("layers", layers, isinstance(layers, list) and len(layers) > 0
                            and all(is_integer(i) for i in layers),
-                           "space=lso needs a non-empty list of feature-map indices (space.layers=[0,1,2,3]: "
+                           "must be a non-empty list of feature-map indices (space.layers=[0,1,2,3]: "
                            "ResNet-18 layer1..layer4); or use space=iso to compare pixels")])
         self.layers = tuple(int(i) for i in layers)
 

@@ -30,18 +30,6 @@ from torchmetrics import Metric
 
 from disc_pl.metrics import functional as FM
 
-__all__ = [
-    "Concentration",
-    "CounterfactualMSE",
-    "CounterfactualMetrics",
-    "FlipRate",
-    "InMaskFraction",
-    "MaskIoU",
-    "RelativeGTDistance",
-    "SampleMeanStd",
-]
-
-
 class SampleMeanStd(Metric):
     """Base class: mean and std of per-sample values, NaN samples skipped.
 

@@ -143,19 +143,19 @@ class BYOClassifier(nn.Module):
         return [int(f.shape[1]) for f in feats]
 
 
-def from_torchvision(
-    arch: str,
-    weights: str | os.PathLike,
-    num_classes: int,
-    in_channels: int = 3,
-    image_size: int = 224,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    class_names: Sequence[str] | None = None,
-    feature_layers: Sequence[str] | None = None,
-    dep_path: str | os.PathLike | None = None,
-) -> BYOClassifier:
-    """torchvision.models.get_model(arch, num_classes) with a state dict loaded weights_only."""
+def _wrap(model: nn.Module, num_classes: int, dep_path: str | os.PathLike | None, **meta: Any) -> BYOClassifier:
+    """``BYOClassifier(model, num_classes, **meta)`` (+ its post-hoc DEP head from ``dep_path``)."""
+    wrapper = BYOClassifier(model, num_classes, **meta)
+    if dep_path is not None:
+        load_posthoc_dep(wrapper, dep_path)
+    return wrapper
+
+
+def from_torchvision(arch: str, weights: str | os.PathLike, num_classes: int,
+                     dep_path: str | os.PathLike | None = None, **meta: Any) -> BYOClassifier:
+    """torchvision.models.get_model(arch, num_classes) with a state dict loaded weights_only;
+    ``meta``: the other arguments of :class:`BYOClassifier` (in_channels, image_size, mean, std,
+    class_names, feature_layers)."""
     import torchvision
 
     model = torchvision.models.get_model(arch, weights=None, num_classes=int(num_classes))
@@ -167,30 +167,16 @@ def from_torchvision(
     except RuntimeError as err:  # e.g. a checkpoint for another number of classes
         raise ConfigError.one("model.path", str(weights), (
             f"the weights do not fit torchvision {arch!r} built for this dataset ({int(num_classes)} classes "
-            f"{list(class_names or [])}, {int(in_channels)} input channels): use a checkpoint of this "
-            f"architecture trained on this dataset's classes, or set model.arch. {err}")) from None
-    wrapper = BYOClassifier(model, num_classes, in_channels, image_size, mean, std, class_names, feature_layers)
-    if dep_path is not None:
-        load_posthoc_dep(wrapper, dep_path)
-    return wrapper
+            f"{list(meta.get('class_names') or [])}, {int(meta.get('in_channels', 3))} input channels): use a "
+            f"checkpoint of this architecture trained on this dataset's classes, or set model.arch. {err}")) from None
+    return _wrap(model, num_classes, dep_path, **meta)
 
 
-def from_torchscript(
-    path: str | os.PathLike,
-    num_classes: int,
-    in_channels: int = 3,
-    image_size: int = 224,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    class_names: Sequence[str] | None = None,
-    dep_path: str | os.PathLike | None = None,
-) -> BYOClassifier:
-    """torch.jit.load(path) (TorchScript archives hold code and constants, no pickled objects)."""
-    model = torch.jit.load(str(path), map_location="cpu")
-    wrapper = BYOClassifier(model, num_classes, in_channels, image_size, mean, std, class_names)
-    if dep_path is not None:
-        load_posthoc_dep(wrapper, dep_path)
-    return wrapper
+def from_torchscript(path: str | os.PathLike, num_classes: int, dep_path: str | os.PathLike | None = None,
+                     **meta: Any) -> BYOClassifier:
+    """torch.jit.load(path) (TorchScript archives hold code and constants, no pickled objects);
+    ``meta`` as for :func:`from_torchvision` (no ``feature_layers``: hooks need a Python module)."""
+    return _wrap(torch.jit.load(str(path), map_location="cpu"), num_classes, dep_path, **meta)
 
 
 def load_byo(
@@ -206,13 +192,12 @@ def load_byo(
     dep_path: str | os.PathLike | None = None,
 ) -> BYOClassifier:
     """Config entry point: `arch` set -> torchvision arch + state dict at `path`; null -> TorchScript."""
+    meta = dict(in_channels=in_channels, image_size=image_size, mean=mean, std=std, class_names=class_names)
     if arch is None:
         if feature_layers:
             raise ValueError("feature_layers cannot be hooked in a TorchScript model; export forward_features instead")
-        return from_torchscript(path, num_classes, in_channels, image_size, mean, std, class_names, dep_path)
-    return from_torchvision(
-        arch, path, num_classes, in_channels, image_size, mean, std, class_names, feature_layers, dep_path
-    )
+        return from_torchscript(path, num_classes, dep_path, **meta)
+    return from_torchvision(arch, path, num_classes, dep_path, feature_layers=feature_layers, **meta)
 
 
 # --- post-hoc DEP --------------------------------------------------------------------------

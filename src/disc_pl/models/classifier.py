@@ -9,15 +9,13 @@ target level of the DEP manifold term at counterfactual time (eq. 8).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import CatMetric, MeanMetric, SpearmanCorrCoef
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import CatMetric, SpearmanCorrCoef
 
+from disc_pl.models.base import ImageModule, plain_hparams, with_cosine_schedule  # noqa: F401 (re-exported)
 from disc_pl.nets.dep import LossPredictor
 from disc_pl.nets.resnet import ResNet18
 
@@ -38,7 +36,7 @@ def dep_ranking_loss(pred: torch.Tensor, target: torch.Tensor, margin: float = 1
     return F.relu(margin - sign * diff_pred).mean()
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(ImageModule):
     """Classifier F (+ DEP head); forward takes [0, 1] pixels and returns logits."""
 
     def __init__(
@@ -62,28 +60,15 @@ class ClassifierModule(pl.LightningModule):
         class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
-        # Plain types only: checkpoints are loaded with torch.load(weights_only=True).
-        mean = None if mean is None else [float(v) for v in mean]
-        std = None if std is None else [float(v) for v in std]
-        class_names = None if class_names is None else [str(c) for c in class_names]
+        mean, std, class_names = plain_hparams(mean, std, class_names)
         self.save_hyperparameters()
         self.net = ResNet18(num_classes, in_channels, width, small_input, mean, std)
         self.loss_predictor = LossPredictor(self.net.widths, dep_hidden) if use_dep else None
         self.register_buffer("dep_target", torch.tensor(float("nan")))
-        # Keyed "<split>_<name>" (a ModuleDict key "train" would shadow nn.Module.train).
-        self.metrics = torch.nn.ModuleDict({"train_acc": MulticlassAccuracy(num_classes, average="micro")})
-        for split in ("val", "test"):
-            self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes, average="micro")
-            self.metrics[f"{split}_loss"] = MeanMetric()
-            self.metrics[f"{split}_spearman"] = SpearmanCorrCoef()
+        self.init_metrics(num_classes, spearman=SpearmanCorrCoef)
         self.metrics["val_pred_loss"] = CatMetric()
 
     # --- interface used by the counterfactual engine -------------------------------------
-    @property
-    def class_names(self) -> list[str]:
-        names = self.hparams.class_names
-        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
-
     @property
     def has_loss_predictor(self) -> bool:
         return self.loss_predictor is not None
@@ -114,24 +99,17 @@ class ClassifierModule(pl.LightningModule):
         stop = self.hparams.dep_stop_grad_epoch
         detach = stop is not None and self.current_epoch >= stop
         logits, ce, pred = self._shared_step(batch, detach_feats=detach)
-        loss_cls = ce.mean()
-        loss = self.hparams.lambda_cls * loss_cls
+        terms = {"loss_cls": ce.mean()}
+        loss = self.hparams.lambda_cls * terms["loss_cls"]
         if pred is not None:
-            loss_dep = dep_ranking_loss(pred, ce, self.hparams.margin)
-            loss = loss + self.hparams.lambda_dep * loss_dep
-            self.log("train/loss_dep", loss_dep)
-        self.metrics["train_acc"](logits, batch["label"])
-        self.log("train/loss_cls", loss_cls)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True, prog_bar=True)
+            terms["loss_dep"] = dep_ranking_loss(pred, ce, self.hparams.margin)
+            loss = loss + self.hparams.lambda_dep * terms["loss_dep"]
+        self.log_train(loss, logits, batch["label"], **terms)
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:
         logits, ce, pred = self._shared_step(batch)
-        self.metrics[f"{split}_acc"](logits, batch["label"])
-        self.metrics[f"{split}_loss"](ce)
-        self.log(f"{split}/acc", self.metrics[f"{split}_acc"], on_epoch=True, prog_bar=split == "val")
-        self.log(f"{split}/loss", self.metrics[f"{split}_loss"], on_epoch=True)
+        self.log_eval(split, logits, batch["label"], ce)
         if pred is not None:
             self.metrics[f"{split}_spearman"](pred, ce)
             if split == "val":
@@ -174,16 +152,3 @@ class ClassifierModule(pl.LightningModule):
         self.train(was_training)
         self.dep_target.fill_(torch.cat(preds).median().item())
         return float(self.dep_target)
-
-    def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        return with_cosine_schedule(self, opt) if self.hparams.cosine_lr else opt
-
-
-def with_cosine_schedule(module: pl.LightningModule, opt: torch.optim.Optimizer) -> dict:
-    """Cosine decay of the lr to 0 over the whole fit, stepped per batch."""
-    steps = module.trainer.estimated_stepping_batches
-    if not math.isfinite(steps):
-        raise ValueError("cosine_lr needs a finite fit length (set fit.trainer.max_epochs or max_steps)")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(steps)))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
+from torchmetrics.classification import BinaryAUROC
 
-from disc_pl.models.classifier import with_cosine_schedule
+from disc_pl.models.base import ImageModule, plain_hparams
 from disc_pl.nets.duq import DUQNet
+from disc_pl.nets.resnet import ResNet18
 
 
 def gradient_penalty(x: torch.Tensor, kernel: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,7 +82,7 @@ def corrupt(images: torch.Tensor, indices: torch.Tensor, seed: int, noise_std: f
     return torch.stack(noisy), torch.stack(shuffled)
 
 
-class DUQModule(pl.LightningModule):
+class DUQModule(ImageModule):
     """forward(x in [0, 1]) -> kernel values K [B, K] in [0, 1]; prediction = argmax K."""
 
     def __init__(
@@ -108,24 +107,12 @@ class DUQModule(pl.LightningModule):
         class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
-        mean = None if mean is None else [float(v) for v in mean]
-        std = None if std is None else [float(v) for v in std]
-        class_names = None if class_names is None else [str(c) for c in class_names]
+        mean, std, class_names = plain_hparams(mean, std, class_names)
         self.save_hyperparameters()
-        self.net = DUQNet(
-            num_classes, in_channels, width, small_input, mean, std, embedding_size, length_scale, gamma
-        )
-        # Keyed "<split>_<name>" (a ModuleDict key "train" would shadow nn.Module.train).
-        self.metrics = torch.nn.ModuleDict({"train_acc": MulticlassAccuracy(num_classes, average="micro")})
-        for split in ("val", "test"):
-            self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes, average="micro")
-            self.metrics[f"{split}_loss"] = MeanMetric()
+        self.net = DUQNet(ResNet18(num_classes, in_channels, width, small_input, mean, std), num_classes,
+                          embedding_size, length_scale, gamma)
+        self.init_metrics(num_classes)
         self.metrics["test_ood_auroc"] = BinaryAUROC()
-
-    @property
-    def class_names(self) -> list[str]:
-        names = self.hparams.class_names
-        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -138,16 +125,12 @@ class DUQModule(pl.LightningModule):
         y = batch["label"]
         log_kernel = self.net.log_kernel(x)
         kernel = log_kernel.exp()
-        loss_bce = kernel_bce(log_kernel, self._onehot(y))
-        loss = loss_bce
+        terms = {"loss_bce": kernel_bce(log_kernel, self._onehot(y))}
+        loss = terms["loss_bce"]
         if self.hparams.gp_weight > 0 and self.current_epoch >= self.hparams.gp_warmup_epochs:
-            loss_gp = gradient_penalty(x, kernel, scale=self.net.trunk.std)
-            loss = loss + self.hparams.gp_weight * loss_gp
-            self.log("train/loss_gp", loss_gp)
-        self.metrics["train_acc"](kernel.detach(), y)
-        self.log("train/loss_bce", loss_bce)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True, prog_bar=True)
+            terms["loss_gp"] = gradient_penalty(x, kernel, scale=self.net.trunk.std)
+            loss = loss + self.hparams.gp_weight * terms["loss_gp"]
+        self.log_train(loss, kernel.detach(), y, **terms)
         return loss
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
@@ -169,10 +152,7 @@ class DUQModule(pl.LightningModule):
         x, y = batch["image"], batch["label"]
         log_kernel = self.net.log_kernel(x)
         kernel = log_kernel.exp()
-        self.metrics[f"{split}_acc"](kernel, y)
-        self.metrics[f"{split}_loss"](kernel_bce(log_kernel, self._onehot(y)), len(y))
-        self.log(f"{split}/acc", self.metrics[f"{split}_acc"], on_epoch=True, prog_bar=split == "val")
-        self.log(f"{split}/loss", self.metrics[f"{split}_loss"], on_epoch=True)
+        self.log_eval(split, kernel, y, kernel_bce(log_kernel, self._onehot(y)), len(y))
         return kernel
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -185,7 +165,3 @@ class DUQModule(pl.LightningModule):
         is_clean = [torch.ones_like(certainty[0]), torch.zeros_like(certainty[1]), torch.zeros_like(certainty[2])]
         self.metrics["test_ood_auroc"](torch.cat(certainty), torch.cat(is_clean).long())
         self.log("test/ood_auroc", self.metrics["test_ood_auroc"], on_epoch=True)
-
-    def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        return with_cosine_schedule(self, opt) if self.hparams.cosine_lr else opt

@@ -9,7 +9,6 @@ e_c = m_c / N_c.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -70,22 +69,12 @@ class DUQHead(nn.Module):
 class DUQNet(nn.Module):
     """ResNet-18 trunk (globally pooled 8w features) + DUQHead; forward(x) -> K [B, K]."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        in_channels: int = 3,
-        width: int = 64,
-        small_input: bool = True,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        embedding_size: int = 256,
-        length_scale: float = 0.5,
-        gamma: float = 0.999,
-    ) -> None:
+    def __init__(self, trunk: ResNet18, num_classes: int, embedding_size: int = 256, length_scale: float = 0.5,
+                 gamma: float = 0.999) -> None:
         super().__init__()
-        self.trunk = ResNet18(num_classes, in_channels, width, small_input, mean, std)
+        self.trunk = trunk
         self.trunk.fc = nn.Identity()
-        self.head = DUQHead(8 * width, num_classes, embedding_size, length_scale, gamma)
+        self.head = DUQHead(trunk.widths[-1], num_classes, embedding_size, length_scale, gamma)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """[0,1] pixels -> pooled trunk features [B, 8w]."""

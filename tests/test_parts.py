@@ -1,0 +1,83 @@
+"""The config groups space, manifold and localize each build one object (hydra.utils.instantiate);
+behaviour comes from the object, its constructor checks its own options, and the run's
+InversionOptions carries what the objects say (not what their names are)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from disc_pl.cf.gate import GateOptions
+from disc_pl.cf.losses import DEP, DUQ, DEPManifold, DUQManifold, LatentSpace, NoManifold, PixelSpace
+from disc_pl.errors import ConfigError
+from disc_pl.job import inversion_options
+
+from conftest import compose_cfg
+
+
+@pytest.mark.parametrize("override, kind", [
+    ("space=lso", LatentSpace), ("space=iso", PixelSpace), ("manifold=dep", DEP), ("manifold=duq", DUQ),
+    ("manifold=none", NoManifold), ("localize=gate", GateOptions), ("localize=none", type(None))])
+def test_each_shipped_option_builds_its_object(override, kind):
+    group = override.split("=")[0]
+    assert isinstance(instantiate(compose_cfg([override])[group]), kind)
+
+
+def test_command_line_overrides_reach_the_objects_and_the_options():
+    cfg = compose_cfg(["manifold=duq", "manifold.lambda_mc=0.3", "manifold.margin=0.2", "space.lambda_sem=2.5",
+                       "space.layers=[1,3]", "localize.grid=4", "localize.fallback=false"])
+    options, _ = inversion_options(cfg)
+    assert options.lambda_mc == 0.3 and options.lambda_sem == 2.5
+    assert isinstance(options.space, LatentSpace) and options.space.layers == (1, 3)
+    assert options.gate == GateOptions(grid=4, fallback=False)
+    assert instantiate(cfg.manifold).margin == 0.2
+    assert inversion_options(compose_cfg(["localize=none", "space=iso"]))[0].gate is None
+
+
+@pytest.mark.parametrize("build, key", [
+    (lambda: GateOptions(grid=0), "localize.grid"), (lambda: GateOptions(lr=0.0), "localize.lr"),
+    (lambda: GateOptions(fallback="yes"), "localize.fallback"), (lambda: LatentSpace(layers=[]), "space.layers"),
+    (lambda: PixelSpace(lambda_sem=-1.0), "space.lambda_sem"), (lambda: DUQ(margin=-0.5), "manifold.margin"),
+    (lambda: DEP(lambda_mc=float("nan")), "manifold.lambda_mc")])
+def test_each_part_checks_its_own_options(build, key):
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert info.value.key == key and "must" in info.value.allowed
+
+
+def test_all_problems_of_one_part_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        GateOptions(grid=-1, lambda_area=-2.0)
+    assert [p.key for p in info.value.problems] == ["localize.grid", "localize.lambda_area"]
+
+
+class _WithDEP(nn.Module):
+    has_loss_predictor = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dep_target = torch.tensor(0.5)
+
+
+def test_manifold_factories_build_their_model_and_load_duq_only_when_needed():
+    calls = []
+
+    def load_duq():
+        calls.append(1)
+        return nn.Identity()
+
+    clf = _WithDEP()
+    assert NoManifold()(clf, load_duq) is None
+    dep = DEP(lambda_mc=0.1)(clf, load_duq)
+    assert isinstance(dep, DEPManifold) and dep.target_level == 0.5 and not calls
+    duq = DUQ(margin=0.25)(clf, load_duq)
+    assert isinstance(duq, DUQManifold) and duq.margin == 0.25 and calls == [1]
+    assert (DEP.needs_dep, DUQ.needs_duq, NoManifold.needs_dep, NoManifold.needs_duq) == (True, True, False, False)
+
+
+def test_a_space_checks_the_feature_maps_it_reads():
+    LatentSpace(layers=[0, 3]).check_feature_maps(4)
+    PixelSpace().check_feature_maps(0)  # pixels: no feature map needed
+    with pytest.raises(ConfigError, match="exposes 4 feature maps"):
+        LatentSpace(layers=[4]).check_feature_maps(4)
