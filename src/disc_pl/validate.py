@@ -326,7 +326,6 @@ def _check_query(ch: _Checks) -> None:
 def _check_inversion(ch: _Checks) -> None:
     ch.number("inversion.lambda_fc", 0, low_open=True)
     ch.number("inversion.relax", 0, 1, low_open=True)
-    ch.number("inversion.lr", 0, low_open=True)
     ch.number("inversion.target_margin", 0, 1, high_open=True)
     ch.integer("inversion.steps_per_stage", 1)
     ch.integer("inversion.min_steps", 0)
