@@ -47,15 +47,16 @@ def inversion_options(cfg: DictConfig) -> tuple[InversionOptions, Any]:
     """Engine options and the generator factory ``(images, seeds) -> Prior`` (``prior.hparams``
     instantiated, once) from the composed config."""
     inv, prior, space, manifold = cfg.inversion, cfg.prior, cfg.space, cfg.manifold
-    stages = [Stage(groups=list(g), steps=int(inv.steps_per_stage), min_steps=int(inv.min_steps))
-              for g in prior.stages]
+    sizes = list(prior.get("sizes") or [None] * len(prior.stages))  # coarse-to-fine, one grid per stage
+    stages = [Stage(groups=list(g), steps=int(inv.steps_per_stage), min_steps=int(inv.min_steps), size=size)
+              for g, size in zip(prior.stages, sizes, strict=True)]  # lengths: validate._check_render_sizes
     recon = prior.get("recon") or {}
     options = InversionOptions(
         space=space.name, layers=tuple(space.layers), lambda_sem=float(space.lambda_sem),
         lambda_mc=float(manifold.lambda_mc), lambda_fc=float(inv.lambda_fc), relax=float(inv.relax),
         lr=float(prior.lr), stages=stages, target_margin=float(inv.target_margin),
         recon_steps=int(recon.get("max_steps", 0)), psnr_target=float(recon.get("psnr_target", 35.0)),
-        recon_lr=recon.get("lr"), log_every=int(inv.log_every),
+        recon_lr=recon.get("lr"), recon_sizes=tuple(recon.get("sizes") or (None,)), log_every=int(inv.log_every),
         localize_grid=int(cfg.localize.grid), lambda_area=float(cfg.localize.lambda_area),
         gate_lr=float(cfg.localize.lr), gate_init=float(cfg.localize.init),
         gate_fallback=bool(cfg.localize.fallback), eot_views=int(inv.get("eot_views", 0)),
