@@ -227,3 +227,32 @@ def test_seconds_are_per_query_and_add_up_to_the_batch():
     assert out.seconds.shape == (3,) and (out.seconds > 0).all()
     assert float(out.seconds.sum()) <= wall
     assert float(out.seconds.sum()) >= 0.5 * wall
+
+
+def test_coarse_stage_changes_start_from_the_query_and_end_at_full_size(float64):
+    """A coarse-to-fine schedule: the first stages render the change at half resolution and
+    enlarge it, the last at full size. With the residual form the first iterate is the query
+    exactly (delta 0 at every scale); the counterfactuals are full-size, flip the analytic
+    classifier and are judged on what is returned."""
+    model = PatchReader()
+    x, t = analytic.patch_queries(3)
+    seen = []
+    forward = model.forward_features
+    model.forward_features = lambda images: (seen.append(images.detach().clone()), forward(images))[1]
+    opts = _analytic_opts("inr", False, stages=[Stage(["out"], 20, 3, size=16), Stage(["all"], 20, 3)],
+                          recon_sizes=(16, None))
+    out = _generate(model, x, t, "inr", opts, [1, 2, 3])
+    assert torch.equal(seen[1], x)  # seen[0]: the queries' own features; seen[1]: the first iterate
+    assert out.images.shape == x.shape
+    with torch.no_grad():
+        assert torch.equal(is_flipped(forward(out.images)[0], t, opts.target_margin),
+                           torch.tensor([s == "flipped" for s in out.status]))
+    assert out.status == ["flipped"] * 3
+    assert (out.recon_psnr > 25).all()  # measured at full size after the coarse phase
+
+
+def test_bad_coarse_to_fine_scales_fail_early():
+    with pytest.raises(ValueError, match="size"):
+        InversionOptions(stages=[Stage(["all"], size=2)])
+    with pytest.raises(ValueError, match="recon_sizes"):
+        InversionOptions(recon_sizes=())

@@ -103,3 +103,27 @@ def test_query_the_gate_cannot_flip_falls_back_to_the_paper_objective(patch_quer
     with torch.no_grad():
         p = torch.softmax(model(rescued.images), 1)[:, 1]
     torch.testing.assert_close(p, rescued.target_prob)
+
+
+def test_fallback_reuses_the_reconstruction(patch_queries, monkeypatch):
+    """The ungated second search starts from the generators the first pass fitted (the fit does
+    not depend on the gate): one reconstruction per query, and the rescued counterfactuals are
+    exactly those of an ungated run."""
+    from disc_pl.cf.priors import INRPrior
+
+    model = SpreadReader()
+    x, t = patch_queries
+    x, t = x[:2], t[:2]
+    strict = dataclasses.replace(_opts(8), gate=GateOptions(lambda_area=500.0), recon_steps=20, lr=3e-3,
+                                 stages=[Stage(["out"], 30, 3), Stage(["all"], 30, 3)])
+    fits = []
+    reconstruct = INRPrior.reconstruct
+    monkeypatch.setattr(INRPrior, "reconstruct", lambda self, *a, **k: (fits.append(self.batch_size),
+                                                                       reconstruct(self, *a, **k))[1])
+    rescued = generate_counterfactuals(model, x, t, prior="inr", prior_hparams=SMALL_INR, options=strict)
+    assert not rescued.localized.any() and fits == [2]  # both redone, one fit
+    ungated = generate_counterfactuals(model, x, t, prior="inr", prior_hparams=SMALL_INR,
+                                       options=dataclasses.replace(strict, gate=None))
+    assert rescued.status == ungated.status
+    assert torch.equal(rescued.images, ungated.images)
+    assert torch.equal(rescued.recon_psnr, ungated.recon_psnr)

@@ -100,6 +100,17 @@ def test_stage_groups_the_prior_does_not_have(tmp_path):
     assert "hidden0, hidden1, out" in err.allowed
 
 
+@pytest.mark.parametrize("overrides, key, hint", [
+    (["prior=tv", "+prior.recon.sizes=[16]"], "prior.recon.sizes", "full size only"),
+    (["prior=dip", "+prior.sizes=[16,null,null]"], "prior.sizes", "full size only"),
+    (["prior.sizes=[16,null]"], "prior.sizes", "one entry per stage"),
+    (["prior.recon.sizes=[2]"], "prior.recon.sizes", ">= 4"),
+])
+def test_coarse_to_fine_grids_the_prior_cannot_render(tmp_path, overrides, key, hint):
+    err = run_fails(tmp_path, overrides)
+    assert err.key == key and hint in str(err)
+
+
 def test_unknown_generator_hparam_lists_the_parameters(tmp_path):
     err = run_fails(tmp_path, ["+prior.hparams.hiden=3"])
     assert err.key == "prior.hparams.hiden" and "hidden" in err.allowed and "n_frequencies" in err.allowed

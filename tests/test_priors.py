@@ -261,3 +261,76 @@ def test_run_config_prior_is_one_factory_built_from_the_command_line():
     with pytest.raises(ConfigError) as info:
         validate_run_config(compose_cfg(["prior.hparams._target_=collections.OrderedDict", "cache_dir=/unused"]))
     assert info.value.key == "prior.hparams._target_" and "subclass of disc_pl.cf.priors.Prior" in str(info.value)
+
+
+# -- coarse-to-fine rendering ------------------------------------------------------------------
+def test_coarse_grid_sits_where_bilinear_enlargement_puts_it():
+    """A linear image sampled on the coarse grid and enlarged bilinearly (align_corners=False)
+    is the full-grid sampling of the same function, away from the clamped border pixels."""
+    from disc_pl.nets.siren import pixel_grid
+
+    def f(grid, h, w):  # a linear function of the coordinates, as an image [1, 1, h, w]
+        return (0.3 + 0.7 * grid[:, 0] - 0.4 * grid[:, 1]).reshape(1, 1, h, w)
+
+    full = f(pixel_grid(16, 12), 16, 12)
+    for size in ((8, 6), (4, 3)):
+        coarse = f(pixel_grid(16, 12, size), *size)
+        up = torch.nn.functional.interpolate(coarse, size=(16, 12), mode="bilinear", align_corners=False)
+        border = 16 // size[0]
+        torch.testing.assert_close(up[..., border:-border, border:-border], full[..., border:-border, border:-border])
+    assert torch.equal(pixel_grid(16, 12, (16, 12)), torch.stack(torch.meshgrid(
+        torch.arange(16) / 16, torch.arange(12) / 12, indexing="ij"), -1).reshape(-1, 2))
+
+
+def test_inr_coarse_render_samples_the_same_function():
+    """The INR at half resolution is its full-size render sampled between pixels: enlarged
+    back it is close to the full render, and returning to full size is bit-identical."""
+    images = structured(2, size=16)
+    prior = INRPrior(images, [1, 2], **TINY["inr"])
+    prior.reconstruct(60, psnr_target=60, lr=2e-3)
+    with torch.no_grad():
+        full = prior()
+        prior.set_render_size(prior.size_at(8))
+        assert prior.render_size == (8, 8)
+        coarse = prior()
+        prior.set_render_size(prior.full_size)
+        again = prior()
+    assert coarse.shape == (2, 3, 8, 8)
+    assert torch.equal(again, full)
+    up = torch.nn.functional.interpolate(coarse, size=(16, 16), mode="bilinear", align_corners=False)
+    assert (up - full).abs().mean() < 0.1 * (full - full.mean()).abs().mean() + 0.05
+
+
+def test_coarse_to_fine_reconstruction_reaches_full_size_target_with_fewer_full_size_steps():
+    images = structured(1, size=32)
+    target = 26.0
+    counts = {}
+    for sizes in ((None,), (16, None)):
+        prior = INRPrior(images, [0], **TINY["inr"])
+        calls = []
+        forward = prior.forward
+        prior.forward = lambda *a, _p=prior, _c=calls, _f=forward, **k: (_c.append(_p.render_size), _f(*a, **k))[1]
+        psnr = prior.reconstruct(150, psnr_target=target, lr=2e-3, sizes=sizes)
+        assert prior.render_size == (32, 32) and float(psnr) >= target - 1
+        counts[sizes] = sum(size == (32, 32) for size in calls)
+    assert counts[(16, None)] < counts[(None,)]  # the coarse phase did most of the fitting
+
+
+def test_coarse_only_reconstruction_fits_the_grid_and_renders_full_size():
+    images = structured(2, size=32)
+    prior = INRPrior(images, [0, 1], **TINY["inr"])
+    psnr = prior.reconstruct(150, psnr_target=30, lr=2e-3, sizes=(16,))
+    assert prior.render_size == (32, 32) and prior().shape == images.shape
+    with torch.no_grad():
+        prior.set_render_size((16, 16))
+        coarse = torch.nn.functional.interpolate(images, size=(16, 16), mode="area")
+        on_grid = -10 * torch.log10((prior() - coarse).square().flatten(1).mean(1))
+    torch.testing.assert_close(psnr, on_grid)  # the PSNR reported is the one on the fitted grid
+    assert (psnr >= 29).all()
+    assert prior.size_at(16) == (16, 16) and prior.size_at(None) == prior.size_at(64) == (32, 32)
+
+
+def test_tv_prior_refuses_coarse_rendering():
+    prior = TVPrior(structured(1), [0])
+    with pytest.raises(ValueError, match="full size only"):
+        prior.set_render_size((8, 8))

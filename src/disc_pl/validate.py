@@ -465,6 +465,30 @@ def _check_prior(ch: _Checks) -> None:
             ch.add(f"prior.stages[{i}]", groups, f"layer groups of prior={name} with these hparams are "
                    f"{', '.join(probe.groups)} (or all); e.g. prior.stages={probe.default_stages}"
                    .replace("'", ""))
+    _check_render_sizes(ch, probe, name, len(stages) if stages else None)
+
+
+def _check_render_sizes(ch: _Checks, probe: Prior, name: str, n_stages: int | None) -> None:
+    """Coarse-to-fine grids (prior.recon.sizes, prior.sizes): pixel sizes the probe can render."""
+    for key, count in (("prior.recon.sizes", None), ("prior.sizes", n_stages)):
+        sizes = ch.get(key)
+        if sizes is None or sizes is ABSENT:
+            continue
+        if not isinstance(sizes, list) or not sizes or not all(s is None or (_is_int(s) and s >= 4) for s in sizes):
+            ch.add(key, sizes, "must be a list of grid sizes in pixels per side (>= 4) or null (full size), "
+                   "e.g. [48] or [24, 48, null]")
+            continue
+        if count is not None and len(sizes) != count:
+            ch.add(key, sizes, f"needs one entry per stage of prior.stages ({count}), e.g. {[None] * count}"
+                   .replace("None", "null"))
+            continue
+        for s in sizes:
+            try:
+                probe.set_render_size(probe.size_at(s))
+            except ValueError as err:
+                ch.add(key, sizes, f"{err}; for prior={name} use null (full size)")
+                break
+        probe.set_render_size(probe.full_size)
 
 
 # --------------------------------------------------------------------------- entry points

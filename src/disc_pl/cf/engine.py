@@ -58,6 +58,9 @@ class Stage:
     groups: list[str]
     steps: int = 100
     min_steps: int = 10
+    # Coarse-to-fine (continuous priors): the generator renders a grid of at most this many
+    # pixels per side and its change is enlarged bilinearly to full size (None = full size).
+    size: int | None = None
 
 
 @dataclass
@@ -76,6 +79,7 @@ class InversionOptions:
     recon_steps: int = 300                  # reconstruction stage budget
     psnr_target: float = 35.0               # reconstruction stops per query at this PSNR (dB)
     recon_lr: float | None = None           # None: the prior's own default
+    recon_sizes: Sequence[int | None] = (None,)  # coarse-to-fine reconstruction grids (Prior.reconstruct)
     residual: bool = True                   # x' = x + G(z) - G_0(z): see module docstring
     # Localization gate (cf/gate.py; not in the paper): x' = x + m * (G - x), + lambda_area * mean(m)
     # None = off (the paper's objective); GateOptions: grid, lambda_area, lr, init, fallback
@@ -107,17 +111,26 @@ class InversionOptions:
             if s.steps <= 0 or s.min_steps < 0:
                 raise ValueError(f"stage {i}: steps={s.steps}, min_steps={s.min_steps}; "
                                  "steps must be > 0 and min_steps >= 0")
+            if s.size is not None and s.size < 4:
+                raise ValueError(f"stage {i}: size={s.size} must be null (full size) or a grid of >= 4 pixels per side")
+        self.recon_sizes = tuple(None if r is None else int(r) for r in self.recon_sizes)
+        if not self.recon_sizes or not all(r is None or r >= 4 for r in self.recon_sizes):
+            raise ValueError(f"recon_sizes={list(self.recon_sizes)} must be a non-empty list of grid sizes "
+                             "(pixels per side, >= 4; null = full size), e.g. [48] or [24, 48, null]")
 
 
 def prior_schedule(prior: Mapping, steps_per_stage: int, min_steps: int) -> dict:
     """The ``InversionOptions`` a prior's config owns: its stage lr and layer-group stages
-    (``lr``, ``stages``) and its reconstruction (``recon.max_steps``, ``recon.psnr_target``,
-    ``recon.lr``), each stage ``steps_per_stage`` long with ``min_steps`` before an early stop."""
+    (``lr``, ``stages``, coarse-to-fine ``sizes``) and its reconstruction (``recon.max_steps``,
+    ``recon.psnr_target``, ``recon.lr``, ``recon.sizes``), each stage ``steps_per_stage`` long
+    with ``min_steps`` before an early stop."""
     recon = prior.get("recon") or {}
-    return dict(lr=float(prior["lr"]), stages=[Stage(list(g), int(steps_per_stage), int(min_steps))
-                                               for g in prior["stages"]],
+    sizes = list(prior.get("sizes") or [None] * len(prior["stages"]))  # coarse-to-fine, one grid per stage
+    return dict(lr=float(prior["lr"]),
+                stages=[Stage(list(g), int(steps_per_stage), int(min_steps), size=size)
+                        for g, size in zip(prior["stages"], sizes, strict=True)],  # lengths: validate
                 recon_steps=int(recon.get("max_steps", 0)), psnr_target=float(recon.get("psnr_target", 35.0)),
-                recon_lr=recon.get("lr"))
+                recon_lr=recon.get("lr"), recon_sizes=tuple(recon.get("sizes") or (None,)))
 
 
 @dataclass
@@ -165,10 +178,49 @@ def make_prior(prior: str | Prior | PriorFactory, images: Tensor, seeds: Sequenc
     return prior(images, seeds)
 
 
+class _Renderer:
+    """x'(rows) from the generator: with ``residual``, x' = x + G - G_0 (module docstring);
+    on a coarse stage the change G - G_0 is rendered on the prior's coarse grid and enlarged
+    bilinearly to full size, x' = x + up(G_c - G_0,c). G_0 is rendered once per grid, right
+    after the reconstruction (before any counterfactual step changes G)."""
+
+    def __init__(self, gen: Prior, images: Tensor, residual: bool, sizes: list[int | None]) -> None:
+        self.gen, self.images, self.residual = gen, images, residual
+        self.full = gen.full_size
+        self.size = self.full
+        self.base: dict[tuple[int, int], Tensor] = {}
+        with torch.no_grad():
+            for size in {gen.size_at(s) for s in sizes} | {self.full}:
+                gen.set_render_size(size)
+                self.base[size] = images - gen() if size == self.full else gen()
+            gen.set_render_size(self.full)
+
+    def set_size(self, max_side: int | None) -> None:
+        self.size = self.gen.size_at(max_side)
+        self.gen.set_render_size(self.size)
+
+    def __call__(self, rows: Tensor | None) -> Tensor:
+        gen, base = self.gen, self.base[self.size]
+        if self.size == self.full:
+            if not self.residual:
+                return gen(rows)
+            return (gen(rows) + (base if rows is None else base[rows])).clamp(0, 1)
+        size = self.images.shape[-2:]
+        if not self.residual:
+            return torch.nn.functional.interpolate(gen(rows), size=size, mode="bilinear", align_corners=False)
+        delta = gen(rows) - (base if rows is None else base[rows])
+        query = self.images if rows is None else self.images[rows]
+        up = torch.nn.functional.interpolate(delta, size=size, mode="bilinear", align_corners=False)
+        return (query + up).clamp(0, 1)
+
+
 def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int], opts: InversionOptions,
-            pass_: dict) -> CounterfactualBatch:
+            pass_: dict, fitted: tuple[dict[str, Tensor], Tensor] | None = None,
+            ) -> tuple[CounterfactualBatch, tuple[dict[str, Tensor], Tensor]]:
     """One inversion pass over a batch (see ``generate_counterfactuals``; ``pass_``: its
-    ``prior``, ``prior_hparams``, ``manifold``, ``objective`` and ``on_log``)."""
+    ``prior``, ``prior_hparams``, ``manifold``, ``objective`` and ``on_log``). Also returns the
+    reconstructed generators (state rows and PSNRs), which ``fitted`` takes instead of fitting
+    again (the gate fallback reuses them: the fit does not depend on the gate)."""
     prior, prior_hparams, manifold = pass_["prior"], pass_["prior_hparams"], pass_["manifold"]
     objective, on_log = pass_["objective"], pass_["on_log"]
     t_start = time.perf_counter()
@@ -181,15 +233,15 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
                 p.requires_grad_(False)
 
     gen = make_prior(prior, images, seeds, prior_hparams)
-    recon_psnr = gen.reconstruct(opts.recon_steps, opts.psnr_target, lr=opts.recon_lr) if opts.recon_steps \
-        else torch.full((B,), float("nan"))
-
-    if opts.residual:
-        with torch.no_grad():
-            residual = images - gen()
-        render = lambda rows: (gen(rows) + (residual if rows is None else residual[rows])).clamp(0, 1)  # noqa: E731
+    if fitted is not None:
+        gen.load_state_dict(fitted[0])
+        recon_psnr = fitted[1]
+    elif opts.recon_steps:
+        recon_psnr = gen.reconstruct(opts.recon_steps, opts.psnr_target, lr=opts.recon_lr, sizes=opts.recon_sizes)
     else:
-        render = gen
+        recon_psnr = torch.full((B,), float("nan"))
+    fit = ({k: v.detach().clone() for k, v in gen.state_dict().items()}, recon_psnr)
+    render = _Renderer(gen, images, opts.residual, [s.size for s in opts.stages])
     gate = None
     if opts.gate is not None:
         gate = SpatialGate(B, opts.gate.grid, tuple(images.shape[-2:]), opts.gate.init, device)
@@ -216,6 +268,7 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
     global_step = 0
     for k, stage in enumerate(opts.stages):
         gen.set_trainable(stage.groups)
+        render.set_size(stage.size)
         weights = [t.weight_at(k) for t in objective]
         for it in range(stage.steps):
             t_step = time.perf_counter()
@@ -303,7 +356,7 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
         prediction=logits_final.argmax(1).cpu(), steps=steps.cpu(), recon_psnr=recon_psnr.cpu(),
         seconds=seconds, losses={t: v.cpu() for t, v in kept_terms.items()},
         localized=torch.ones(B, dtype=torch.bool) if gate is not None else None,
-    )
+    ), fit
 
 
 def generate_counterfactuals(
@@ -345,13 +398,15 @@ def generate_counterfactuals(
         raise ValueError(f"{B} images but {targets.shape[0]} targets")
     seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
     pass_ = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, objective=objective, on_log=on_log)
-    out = _invert(classifier, images, targets, seeds, opts, pass_)
+    out, fit = _invert(classifier, images, targets, seeds, opts, pass_)
     redo = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED]
     if not (opts.gate is not None and opts.gate.fallback and redo and not isinstance(prior, Prior)):
         return out
     rows = torch.tensor(redo)
-    again = _invert(classifier, images[rows.to(images.device)], targets[rows.to(targets.device)],
-                    [seeds[i] for i in redo], dataclasses.replace(opts, gate=None), pass_)
+    on = rows.to(images.device)
+    refit = ({k: v[on] for k, v in fit[0].items()}, fit[1][rows.to(fit[1].device)])  # rows = queries
+    again, _ = _invert(classifier, images[on], targets[rows.to(targets.device)], [seeds[i] for i in redo],
+                       dataclasses.replace(opts, gate=None), pass_, fitted=refit)
     # The ungated result replaces the gated attempt when it flipped, or when neither flipped
     # and it came closer (higher target probability).
     better = torch.tensor([s == FLIPPED or (s == NOT_FLIPPED and float(p) > float(out.target_prob[i]))

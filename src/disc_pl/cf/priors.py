@@ -90,6 +90,41 @@ class Prior(nn.Module, ABC):
         """Per-query prior penalty ``[b]`` added to the objective; zero for network priors."""
         return x.new_zeros(x.shape[0])
 
+    # -- coarse-to-fine rendering -----------------------------------------------------------
+    @property
+    def full_size(self) -> tuple[int, int]:
+        return (int(self.images.shape[-2]), int(self.images.shape[-1]))
+
+    @property
+    def render_size(self) -> tuple[int, int]:
+        """The (h, w) grid ``forward`` renders now: the full image size unless ``set_render_size``."""
+        return self.full_size
+
+    def size_at(self, max_side: int | None) -> tuple[int, int]:
+        """The render grid whose longer side is at most ``max_side`` pixels (aspect kept; None or
+        a size at least the image's: the full size)."""
+        h, w = self.full_size
+        if max_side is None or max_side >= max(h, w):
+            return (h, w)
+        if max_side < 4:
+            raise ValueError(f"a render grid of {max_side} pixels per side is too coarse (need >= 4)")
+        f = max_side / max(h, w)
+        return (max(round(h * f), 1), max(round(w * f), 1))
+
+    def set_render_size(self, size: tuple[int, int]) -> None:
+        """Render on an (h, w) grid from now on (coarse-to-fine: early steps on a coarse grid,
+        enlarged to full size by the caller). Priors that are not continuous in space (free
+        pixels) render at full size only."""
+        if tuple(size) != self.full_size:
+            raise ValueError(f"the {type(self).__name__} renders at full size only ({self.full_size}), not {size}; "
+                             "coarse-to-fine grids (prior.recon.sizes, prior.sizes) need prior=inr")
+
+    def target_images(self) -> Tensor:
+        """The queries at the current render size (area-averaged when coarser)."""
+        if self.render_size == self.full_size:
+            return self.images
+        return torch.nn.functional.interpolate(self.images, size=self.render_size, mode="area")
+
     def resolve_groups(self, groups: Sequence[str] | str) -> tuple[str, ...]:
         """Group names (``"all"`` expanded) in input->output order; unknown -> ValueError."""
         groups = [groups] if isinstance(groups, str) else list(groups)
@@ -145,24 +180,42 @@ class Prior(nn.Module, ABC):
             state = _take(self._cache, idx)
         return self._image(self._run(state, start, len(self.groups), idx))
 
-    def reconstruct(self, max_steps: int, psnr_target: float, lr: float | None = None) -> Tensor:
+    def reconstruct(self, max_steps: int, psnr_target: float, lr: float | None = None,
+                    sizes: Sequence[int | None] = (None,)) -> Tensor:
         """Fit every generator to its own query (pixel MSE), batched, with RowAdam.
 
         Query i stops (and is frozen exactly) at the first step where its PSNR reaches
         ``psnr_target`` (dB, measured on the output of that step's forward). Trainable groups
-        are restored afterwards. Returns the final PSNR per query ``[B]`` (clean output)."""
+        are restored afterwards. Returns the final PSNR per query ``[B]`` (clean output) on the
+        grid of the last phase.
+
+        ``sizes`` (coarse-to-fine, continuous priors): one fitting phase of up to ``max_steps``
+        per entry, in order, each on a grid whose longer side is at most that many pixels (None:
+        full size) against the area-averaged queries. E.g. ``(48,)`` fits a 96 x 96 query on a
+        48 x 48 grid, a quarter of the pixels per step; the INR is continuous, so it renders the
+        full size afterwards (an interpolating fit: its full-size PSNR is lower by the detail
+        finer than the grid, which the engine's residual form keeps in x' anyway)."""
+        out = None
+        for size in sizes:
+            self.set_render_size(self.size_at(size))
+            out = self._fit(max_steps, psnr_target, lr)
+        self.set_render_size(self.full_size)
+        return out
+
+    def _fit(self, max_steps: int, psnr_target: float, lr: float | None) -> Tensor:
         previous = self._trainable
         self.set_trainable(["all"])
         params = self.parameter_groups(["all"])
         optimizer = RowAdam(params, self.default_recon_lr if lr is None else lr) if params else None
         active = torch.ones(self.batch_size, dtype=torch.bool, device=self.images.device)
+        target = self.target_images()
         with torch.enable_grad():
             for _ in range(max_steps):
                 rows = active.nonzero().flatten()
                 if rows.numel() == 0:
                     break
                 idx = None if rows.numel() == self.batch_size else rows
-                mse = (self(idx, perturb=True) - self.images[rows]).square().flatten(1).mean(1)
+                mse = (self(idx, perturb=True) - target[rows]).square().flatten(1).mean(1)
                 done = psnr(mse.detach()) >= psnr_target
                 active[rows[done]] = False
                 if optimizer is None or bool(done.all()):
@@ -174,7 +227,7 @@ class Prior(nn.Module, ABC):
             optimizer.zero_grad()
         self.set_trainable(previous)
         with torch.no_grad():
-            return psnr((self() - self.images).square().flatten(1).mean(1))
+            return psnr((self() - target).square().flatten(1).mean(1))
 
 
 class _ClampInward(torch.autograd.Function):
@@ -357,6 +410,15 @@ class INRPrior(_NetPrior):
 
     def _input(self, idx: Tensor | None, perturb: bool) -> State:
         return self.net.features if idx is None else self.net.features[idx]
+
+    @property
+    def render_size(self) -> tuple[int, int]:
+        return self.net.size
+
+    def set_render_size(self, size: tuple[int, int]) -> None:
+        if tuple(size) != self.net.size:
+            self.net.set_size(size)
+            self.clear_cache()
 
 
 PRIORS: dict[str, type[Prior]] = {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior}

@@ -22,10 +22,16 @@ def _rows(t: Tensor, idx: Tensor | None) -> Tensor:
     return t if idx is None else t[idx]
 
 
-def pixel_grid(height: int, width: int) -> Tensor:
-    """[H*W, 2] coordinates (row, column) / size in [0, 1)^2, row-major pixel order."""
-    ys = torch.arange(height) / height  # the default dtype (float32 unless a caller chose float64)
-    xs = torch.arange(width) / width
+def pixel_grid(height: int, width: int, size: tuple[int, int] | None = None) -> Tensor:
+    """[h*w, 2] coordinates (row, column) / full size in [0, 1)^2, row-major pixel order.
+
+    ``size=(h, w)`` (default the full ``height x width``) samples a coarser grid whose pixel i
+    sits where ``F.interpolate(..., mode="bilinear", align_corners=False)`` puts it when the
+    h x w image is enlarged back to height x width: at full-pixel position (i + 0.5) f - 0.5,
+    f = height / h. The full grid (f = 1) is pixel i at i / height."""
+    h, w = size or (height, width)
+    ys = ((torch.arange(h) + 0.5) * (height / h) - 0.5) / height  # the default dtype (float32 unless float64)
+    xs = ((torch.arange(w) + 0.5) * (width / w) - 0.5) / width
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
@@ -109,9 +115,10 @@ class BatchedFourierSiren(nn.Module):
         batch = len(generators)
         self.height, self.width = height, width
         freqs = torch.stack([torch.randn(2, n_frequencies, generator=g) * sigma for g in generators])
-        proj = 2 * math.pi * pixel_grid(height, width) @ freqs  # [B, N, F]
         # Derived from the seeds, so not saved in checkpoints.
-        self.register_buffer("features", torch.cat([proj.cos(), proj.sin()], dim=-1), persistent=False)
+        self.register_buffer("freqs", freqs, persistent=False)  # [B, 2, F]
+        self.size = (height, width)  # the grid rendered now (set_size); the full one by default
+        self.register_buffer("features", self.features_at(self.size), persistent=False)
 
         blocks: dict[str, nn.Module] = {}
         cin = 2 * n_frequencies
@@ -127,9 +134,21 @@ class BatchedFourierSiren(nn.Module):
             for block in self.blocks.values():
                 block.reset_row(row, gen)
 
+    def features_at(self, size: tuple[int, int]) -> Tensor:
+        """Fourier features ``[B, h*w, 2F]`` of every query on the ``size = (h, w)`` grid."""
+        proj = 2 * math.pi * pixel_grid(self.height, self.width, size).to(self.freqs) @ self.freqs  # [B, N, F]
+        return torch.cat([proj.cos(), proj.sin()], dim=-1)
+
+    def set_size(self, size: tuple[int, int]) -> None:
+        """Render on an h x w grid from now on: the network is continuous, so this is the same
+        function sampled more coarsely (features recomputed, bit-identical for the same grid)."""
+        if tuple(size) != self.size:
+            self.size = (int(size[0]), int(size[1]))
+            self.features = self.features_at(self.size)
+
     def run_group(self, name: str, h: Tensor, idx: Tensor | None = None) -> Tensor:
         h = self.blocks[name](h, idx)
         if name != "out":
             return h
-        # [b, N, C] -> image [b, C, H, W] in [0, 1]
-        return torch.sigmoid(h).transpose(1, 2).reshape(h.shape[0], -1, self.height, self.width)
+        # [b, N, C] -> image [b, C, h, w] in [0, 1]
+        return torch.sigmoid(h).transpose(1, 2).reshape(h.shape[0], -1, *self.size)
