@@ -232,7 +232,8 @@ def test_tv_regulariser_and_clamp():
 @pytest.mark.parametrize("name", ["tv", "dip", "inr"])
 def test_configs_build(name):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    assert cfg.name == name and set(cfg.recon) == {"max_steps", "psnr_target", "lr"}
+    assert cfg.name == name and {"max_steps", "psnr_target", "lr"} <= set(cfg.recon) <= {
+        "max_steps", "psnr_target", "lr", "sizes"}
     factory = instantiate(cfg.hparams)  # the run's generator factory: (images, seeds) -> Prior
     prior = factory(torch.rand(1, 3, 32, 32), [0])
     stages = OmegaConf.to_container(cfg.stages)
