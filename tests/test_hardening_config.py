@@ -89,9 +89,9 @@ def test_image_size_the_prior_cannot_handle_names_size_and_valid_sizes(tmp_path)
     err = run_fails(tmp_path, ["prior=dip", "prior.hparams.scales=5", "dataset.image_size=24"])
     assert err.key == "prior.hparams.scales" and err.value == 5
     msg = str(err)
-    assert "dataset.image_size=24" in msg
-    assert "multiple of 32 and at least 64" in msg and "64, 96, 128" in msg
-    assert "between 1 and 3" in msg  # what fits 24 px instead
+    assert "24x24" in msg
+    assert "multiples of 32 and at least 64" in msg and "64, 96, 128" in msg
+    assert "1 <= scales <= 3" in msg  # what fits 24 px instead
 
 
 def test_stage_groups_the_prior_does_not_have(tmp_path):

@@ -335,3 +335,21 @@ def test_tv_prior_refuses_coarse_rendering():
     prior = TVPrior(structured(1), [0])
     with pytest.raises(ValueError, match="full size only"):
         prior.set_render_size((8, 8))
+
+
+def test_a_prior_checks_its_own_schedule_and_reports_every_problem_at_once():
+    from disc_pl.errors import ConfigError
+
+    inr = INRPrior(torch.rand(1, 1, 32, 32), [0], n_frequencies=4, hidden=8, depth=2)
+    inr.check_schedule([["out"], ["hidden1", "out"], ["all"]], [16, None, None], [16])  # all valid: no error
+    with pytest.raises(ConfigError) as err:
+        inr.check_schedule([["out"], ["hidden2", "out"]], [16, None, None], [2])
+    assert [p.key for p in err.value.problems] == ["prior.stages[1]", "prior.recon.sizes", "prior.sizes"]
+    assert "hidden0, hidden1, out" in err.value.problems[0].allowed
+    assert inr.render_size == (32, 32)  # probing the grids leaves the full size
+    tv = TVPrior(torch.rand(1, 1, 32, 32), [0])
+    with pytest.raises(ConfigError, match="full size only"):
+        tv.check_schedule(None, None, [16])
+    with pytest.raises(ConfigError) as err:
+        DIPPrior(torch.rand(1, 1, 24, 24), [0], scales=5, channels=4)
+    assert err.value.key == "prior.hparams.scales" and "1 <= scales <= 3" in str(err.value)

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from disc_pl import utils
-from disc_pl.cf.priors import DIPPrior, Prior, _max_dip_scales
+from disc_pl.cf.priors import Prior
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
 from disc_pl.models.byo import is_byo  # noqa: F401 (re-exported)
 from disc_pl.models.fit import RECIPE_KEYS
@@ -405,7 +405,6 @@ def _check_prior(ch: _Checks) -> None:
     after training is known to work now."""
     import torch
 
-
     name = ch.get("prior.name")
     if not isinstance(name, str) or not name:
         ch.add("prior.name", name, "must be the prior's name (a label: tv, dip, inr, ...)")
@@ -441,54 +440,18 @@ def _check_prior(ch: _Checks) -> None:
     size, channels = ch.get("dataset.image_size"), dataset_channels(ch.cfg)
     if unknown or not _is_int(size) or size < 8:
         return
-    if issubclass(cls, DIPPrior):
-        scales = hparams.get("scales", inspect.signature(cls.__init__).parameters["scales"].default)
-        if _is_int(scales) and not 1 <= scales <= _max_dip_scales(size, size):
-            step = 2**scales if scales >= 1 else 2
-            fits = _max_dip_scales(size, size)
-            ch.add(f"{prefix}.scales", scales,
-                   f"prior=dip with {scales} scales cannot handle dataset.image_size={size}: it needs an "
-                   f"image size that is a multiple of {step} and at least {2 * step} (e.g. "
-                   f"{', '.join(str(step * k) for k in range(2, 5))}); "
-                   + (f"for {size} px images use {prefix}.scales between 1 and {fits}" if fits
-                      else f"no number of scales fits {size} px images: use prior=inr or prior=tv"))
-            return
-    try:
+
+    def given(key: str) -> Any:
+        value = ch.get(key)
+        return None if value is ABSENT else value
+    try:  # the prior checks its own hparams (constructor) and schedule (check_schedule)
         probe = cls(torch.zeros(1, channels, size, size), [0], **hparams)
+        probe.check_schedule(stages, given("prior.sizes"), given("prior.recon.sizes"))
+    except ConfigError as err:
+        for p in err.problems:
+            ch.add(p.key, p.value, p.allowed)
     except (TypeError, ValueError) as err:
         ch.add(prefix, hparams, f"prior={name} cannot be built for {size}x{size} images: {err}")
-        return
-    for i, groups in enumerate(stages or []):
-        try:
-            probe.resolve_groups(groups)
-        except ValueError:
-            ch.add(f"prior.stages[{i}]", groups, f"layer groups of prior={name} with these hparams are "
-                   f"{', '.join(probe.groups)} (or all); e.g. prior.stages={probe.default_stages}"
-                   .replace("'", ""))
-    _check_render_sizes(ch, probe, name, len(stages) if stages else None)
-
-
-def _check_render_sizes(ch: _Checks, probe: Prior, name: str, n_stages: int | None) -> None:
-    """Coarse-to-fine grids (prior.recon.sizes, prior.sizes): pixel sizes the probe can render."""
-    for key, count in (("prior.recon.sizes", None), ("prior.sizes", n_stages)):
-        sizes = ch.get(key)
-        if sizes is None or sizes is ABSENT:
-            continue
-        if not isinstance(sizes, list) or not sizes or not all(s is None or (_is_int(s) and s >= 4) for s in sizes):
-            ch.add(key, sizes, "must be a list of grid sizes in pixels per side (>= 4) or null (full size), "
-                   "e.g. [48] or [24, 48, null]")
-            continue
-        if count is not None and len(sizes) != count:
-            ch.add(key, sizes, f"needs one entry per stage of prior.stages ({count}), e.g. {[None] * count}"
-                   .replace("None", "null"))
-            continue
-        for s in sizes:
-            try:
-                probe.set_render_size(probe.size_at(s))
-            except ValueError as err:
-                ch.add(key, sizes, f"{err}; for prior={name} use null (full size)")
-                break
-        probe.set_render_size(probe.full_size)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from disc_pl.cf.optim import RowAdam
+from disc_pl.errors import ConfigError, Problem, is_integer
 from disc_pl.nets.siren import BatchedFourierSiren
 from disc_pl.nets.unet import BatchedSkipNet
 
@@ -135,6 +136,43 @@ class Prior(nn.Module, ABC):
                 f"{list(self.groups)} or 'all'"
             )
         return self.groups if "all" in groups else tuple(g for g in self.groups if g in groups)
+
+    def check_schedule(self, stages: Sequence[Sequence[str]] | None = None,
+                       sizes: Sequence[int | None] | None = None,
+                       recon_sizes: Sequence[int | None] | None = None) -> None:
+        """One ``ConfigError`` for every entry of a schedule this prior cannot run: layer groups
+        it does not have (``prior.stages[i]``), and coarse-to-fine grids (``prior.sizes``, one per
+        stage; ``prior.recon.sizes``) that are malformed or that it cannot render. None: not given."""
+        problems = []
+        for i, groups in enumerate(stages or []):
+            try:
+                self.resolve_groups(groups)
+            except ValueError:
+                problems.append(Problem(f"prior.stages[{i}]", list(groups), (
+                    f"layer groups of this {type(self).__name__} are {', '.join(self.groups)} (or all); "
+                    f"e.g. prior.stages={self.default_stages}").replace("'", "")))
+        for key, grid, count in (("prior.recon.sizes", recon_sizes, None),
+                                 ("prior.sizes", sizes, len(stages) if stages else None)):
+            if grid is None:
+                continue
+            grid = list(grid) if isinstance(grid, (list, tuple)) else grid
+            if not isinstance(grid, list) or not grid or not all(s is None or (is_integer(s) and s >= 4) for s in grid):
+                problems.append(Problem(key, grid, "must be a list of grid sizes in pixels per side (>= 4) or "
+                                        "null (full size), e.g. [48] or [24, 48, null]"))
+                continue
+            if count is not None and len(grid) != count:
+                problems.append(Problem(key, grid, f"needs one entry per stage of prior.stages ({count}), "
+                                        f"e.g. {[None] * count}".replace("None", "null")))
+                continue
+            try:
+                for s in grid:
+                    self.set_render_size(self.size_at(s))
+            except ValueError as err:
+                problems.append(Problem(key, grid, f"{err}; use null (full size)"))
+            finally:
+                self.set_render_size(self.full_size)
+        if problems:
+            raise ConfigError(problems)
 
     def parameter_groups(self, groups: Sequence[str] | str) -> list[Tensor]:
         return [p for g in self.resolve_groups(groups) for p in self._group_parameters(g)]
@@ -340,14 +378,16 @@ class DIPPrior(_NetPrior):
         super().__init__(images, seeds)
         _, c, h, w = images.shape
         allowed = _max_dip_scales(h, w)
-        if not 1 <= scales <= allowed:
-            step = 2**scales
-            raise ValueError(
-                f"DIP prior: image size {h}x{w} does not fit scales={scales}: height and width "
-                f"must be divisible by 2**scales = {step}, with more than one pixel left at the "
-                f"coarsest scale (instance norm); use image sizes that are multiples of {step} "
-                f"(and larger than {step}x{step}), or 1 <= scales <= {allowed} for {h}x{w}"
-            )
+        if not (is_integer(scales) and 1 <= scales <= allowed):
+            step = 2 ** scales if is_integer(scales) and scales >= 1 else 2
+            fix = (f"or 1 <= scales <= {allowed} for {h}x{w}" if allowed
+                   else f"no number of scales fits {h}x{w} images: use prior=inr or prior=tv")
+            raise ConfigError.one(
+                "prior.hparams.scales", scales,
+                f"DIP prior: image size {h}x{w} does not fit scales={scales}: height and width must be "
+                f"divisible by 2**scales = {step}, with more than one pixel left at the coarsest scale "
+                f"(instance norm); use image sizes that are multiples of {step} and at least {2 * step} "
+                f"(e.g. {', '.join(str(step * k) for k in range(2, 5))}), {fix}")
         self.input_noise_std = input_noise_std
         z = torch.stack([torch.rand(input_channels, h, w, generator=g) for g in self.generators])
         self.register_buffer("z", z.to(images) * input_scale, persistent=False)
