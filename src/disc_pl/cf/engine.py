@@ -189,6 +189,8 @@ class _Renderer:
         self.full = gen.full_size
         self.size = self.full
         self.base: dict[tuple[int, int], Tensor] = {}
+        if not residual:
+            return  # x' = G (enlarged on a coarse grid): no G_0 needed
         with torch.no_grad():
             for size in {gen.size_at(s) for s in sizes} | {self.full}:
                 gen.set_render_size(size)
@@ -200,14 +202,14 @@ class _Renderer:
         self.gen.set_render_size(self.size)
 
     def __call__(self, rows: Tensor | None) -> Tensor:
-        gen, base = self.gen, self.base[self.size]
-        if self.size == self.full:
-            if not self.residual:
-                return gen(rows)
-            return (gen(rows) + (base if rows is None else base[rows])).clamp(0, 1)
-        size = self.images.shape[-2:]
+        gen, size = self.gen, self.images.shape[-2:]
         if not self.residual:
-            return torch.nn.functional.interpolate(gen(rows), size=size, mode="bilinear", align_corners=False)
+            x = gen(rows)
+            return x if self.size == self.full else torch.nn.functional.interpolate(
+                x, size=size, mode="bilinear", align_corners=False)
+        base = self.base[self.size]
+        if self.size == self.full:
+            return (gen(rows) + (base if rows is None else base[rows])).clamp(0, 1)
         delta = gen(rows) - (base if rows is None else base[rows])
         query = self.images if rows is None else self.images[rows]
         up = torch.nn.functional.interpolate(delta, size=size, mode="bilinear", align_corners=False)
@@ -216,11 +218,11 @@ class _Renderer:
 
 def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int], opts: InversionOptions,
             pass_: dict, fitted: tuple[dict[str, Tensor], Tensor] | None = None,
-            ) -> tuple[CounterfactualBatch, tuple[dict[str, Tensor], Tensor]]:
+            ) -> tuple[CounterfactualBatch, tuple[dict[str, Tensor], Tensor] | None]:
     """One inversion pass over a batch (see ``generate_counterfactuals``; ``pass_``: its
-    ``prior``, ``prior_hparams``, ``manifold``, ``objective`` and ``on_log``). Also returns the
-    reconstructed generators (state rows and PSNRs), which ``fitted`` takes instead of fitting
-    again (the gate fallback reuses them: the fit does not depend on the gate)."""
+    ``prior``, ``prior_hparams``, ``manifold``, ``objective`` and ``on_log``). With the gate and
+    its fallback on, also returns the reconstructed generators (state rows and PSNRs; else None),
+    which ``fitted`` takes instead of fitting again (the fit does not depend on the gate)."""
     prior, prior_hparams, manifold = pass_["prior"], pass_["prior_hparams"], pass_["manifold"]
     objective, on_log = pass_["objective"], pass_["on_log"]
     t_start = time.perf_counter()
@@ -240,7 +242,9 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
         recon_psnr = gen.reconstruct(opts.recon_steps, opts.psnr_target, lr=opts.recon_lr, sizes=opts.recon_sizes)
     else:
         recon_psnr = torch.full((B,), float("nan"))
-    fit = ({k: v.detach().clone() for k, v in gen.state_dict().items()}, recon_psnr)
+    fit = None  # kept only for the gate fallback, which starts again from the fitted generators
+    if opts.gate is not None and opts.gate.fallback:
+        fit = ({k: v.detach().clone() for k, v in gen.state_dict().items()}, recon_psnr)
     render = _Renderer(gen, images, opts.residual, [s.size for s in opts.stages])
     gate = None
     if opts.gate is not None:
