@@ -103,7 +103,10 @@ def test_stage_groups_the_prior_does_not_have(tmp_path):
 @pytest.mark.parametrize("overrides, key, hint", [
     (["prior=tv", "+prior.recon.sizes=[16]"], "prior.recon.sizes", "full size only"),
     (["prior=dip", "+prior.sizes=[16,null,null]"], "prior.sizes", "full size only"),
-    (["prior.sizes=[16,null]"], "prior.sizes", "one entry per stage"),
+    (["prior.early_size=null", "prior.sizes=[16,null]"], "prior.sizes", "one entry per stage"),
+    (["prior.sizes=[16,null,null]"], "prior.early_size", "must be null when prior.sizes"),
+    (["prior=dip", "+prior.early_size=16"], "prior.early_size", "full size only"),
+    (["prior.early_size=2"], "prior.early_size", ">= 4"),
     (["prior.recon.sizes=[2]"], "prior.recon.sizes", ">= 4"),
 ])
 def test_coarse_to_fine_grids_the_prior_cannot_render(tmp_path, overrides, key, hint):

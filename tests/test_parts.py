@@ -35,6 +35,17 @@ def test_command_line_overrides_reach_the_objects_and_the_options():
     assert inversion_options(compose_cfg(["localize=none", "space=iso"]))[0].gate is None
 
 
+def test_the_prior_config_sets_each_stage_grid():
+    def sizes(overrides):
+        return [s.size for s in inversion_options(compose_cfg(overrides))[0].stages]
+    assert sizes([]) == [48, 48, None]  # early_size: every stage but the last
+    assert sizes(["prior.stages=[[out],[all]]"]) == [48, None]  # follows the number of stages
+    assert sizes(["prior.early_size=null"]) == [None, None, None]
+    assert sizes(["prior.early_size=null", "prior.sizes=[32,48,null]"]) == [32, 48, None]
+    with pytest.raises(ValueError, match="set one"):
+        sizes(["prior.sizes=[32,48,null]"])
+
+
 @pytest.mark.parametrize("build, key", [
     (lambda: GateOptions(grid=0), "localize.grid"), (lambda: GateOptions(lr=0.0), "localize.lr"),
     (lambda: GateOptions(fallback="yes"), "localize.fallback"), (lambda: LatentSpace(layers=[]), "space.layers"),

@@ -119,13 +119,24 @@ class InversionOptions:
                              "(pixels per side, >= 4; null = full size), e.g. [48] or [24, 48, null]")
 
 
+def stage_sizes(prior: Mapping) -> list[int | None]:
+    """One render grid per stage of a prior config (coarse-to-fine; None = full size): its
+    ``sizes`` list, or ``early_size`` for every stage but the last (which renders full size)."""
+    n = len(prior["stages"])
+    sizes, early = prior.get("sizes"), prior.get("early_size")
+    if sizes is not None and early is not None:
+        raise ValueError(f"prior.sizes={list(sizes)} and prior.early_size={early} both set the stages' "
+                         "grids: set one (prior.early_size=null to use prior.sizes)")
+    return list(sizes) if sizes is not None else [early] * (n - 1) + [None]
+
+
 def prior_schedule(prior: Mapping, steps_per_stage: int, min_steps: int) -> dict:
     """The ``InversionOptions`` a prior's config owns: its stage lr and layer-group stages
-    (``lr``, ``stages``, coarse-to-fine ``sizes``) and its reconstruction (``recon.max_steps``,
+    (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``) and its reconstruction (``recon.max_steps``,
     ``recon.psnr_target``, ``recon.lr``, ``recon.sizes``), each stage ``steps_per_stage`` long
     with ``min_steps`` before an early stop."""
     recon = prior.get("recon") or {}
-    sizes = list(prior.get("sizes") or [None] * len(prior["stages"]))  # coarse-to-fine, one grid per stage
+    sizes = stage_sizes(prior)
     return dict(lr=float(prior["lr"]),
                 stages=[Stage(list(g), int(steps_per_stage), int(min_steps), size=size)
                         for g, size in zip(prior["stages"], sizes, strict=True)],  # lengths: validate

@@ -139,10 +139,11 @@ class Prior(nn.Module, ABC):
 
     def check_schedule(self, stages: Sequence[Sequence[str]] | None = None,
                        sizes: Sequence[int | None] | None = None,
-                       recon_sizes: Sequence[int | None] | None = None) -> None:
+                       recon_sizes: Sequence[int | None] | None = None, early_size: int | None = None) -> None:
         """One ``ConfigError`` for every entry of a schedule this prior cannot run: layer groups
         it does not have (``prior.stages[i]``), and coarse-to-fine grids (``prior.sizes``, one per
-        stage; ``prior.recon.sizes``) that are malformed or that it cannot render. None: not given."""
+        stage; ``prior.early_size``, every stage but the last; ``prior.recon.sizes``) that are
+        malformed or that it cannot render. None: not given."""
         problems = []
         for i, groups in enumerate(stages or []):
             try:
@@ -152,7 +153,8 @@ class Prior(nn.Module, ABC):
                     f"layer groups of this {type(self).__name__} are {', '.join(self.groups)} (or all); "
                     f"e.g. prior.stages={self.default_stages}").replace("'", "")))
         for key, grid, count in (("prior.recon.sizes", recon_sizes, None),
-                                 ("prior.sizes", sizes, len(stages) if stages else None)):
+                                 ("prior.sizes", sizes, len(stages) if stages else None),
+                                 ("prior.early_size", None if early_size is None else [early_size], None)):
             if grid is None:
                 continue
             grid = list(grid) if isinstance(grid, (list, tuple)) else grid
