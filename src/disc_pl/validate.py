@@ -444,14 +444,9 @@ def _check_prior(ch: _Checks) -> None:
     def given(key: str) -> Any:
         value = ch.get(key)
         return None if value is ABSENT else value
-    early = ch.integer("prior.early_size", 4, nullable=True)
-    early = early if _is_int(early) and early >= 4 else None
-    if early is not None and given("prior.sizes") is not None:
-        ch.add("prior.early_size", early, "must be null when prior.sizes lists the stages' grids "
-               "(prior.early_size=null), or drop prior.sizes")
     try:  # the prior checks its own hparams (constructor) and schedule (check_schedule)
         probe = cls(torch.zeros(1, channels, size, size), [0], **hparams)
-        probe.check_schedule(stages, given("prior.sizes"), given("prior.recon.sizes"), early_size=early)
+        probe.check_schedule(stages, given("prior.sizes"), given("prior.recon.sizes"), given("prior.early_size"))
     except ConfigError as err:
         for p in err.problems:
             ch.add(p.key, p.value, p.allowed)

@@ -152,9 +152,19 @@ class Prior(nn.Module, ABC):
                 problems.append(Problem(f"prior.stages[{i}]", list(groups), (
                     f"layer groups of this {type(self).__name__} are {', '.join(self.groups)} (or all); "
                     f"e.g. prior.stages={self.default_stages}").replace("'", "")))
+        early = None
+        if early_size is not None:
+            if not (is_integer(early_size) and early_size >= 4):
+                problems.append(Problem("prior.early_size", early_size,
+                                        "must be an integer >= 4 (pixels per side) or null (full size)"))
+            elif sizes is not None:
+                problems.append(Problem("prior.early_size", early_size, "must be null when prior.sizes lists "
+                                        "the stages' grids (prior.early_size=null), or drop prior.sizes"))
+            else:
+                early = [early_size]
         for key, grid, count in (("prior.recon.sizes", recon_sizes, None),
                                  ("prior.sizes", sizes, len(stages) if stages else None),
-                                 ("prior.early_size", None if early_size is None else [early_size], None)):
+                                 ("prior.early_size", early, None)):
             if grid is None:
                 continue
             grid = list(grid) if isinstance(grid, (list, tuple)) else grid
