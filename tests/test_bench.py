@@ -15,7 +15,7 @@ PRIORS = {"tv", "dip", "inr"}
 
 @pytest.mark.slow
 def test_quick_bench_writes_every_field(tmp_path, capsys):
-    report = bench.main(["--quick", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)])
+    report = bench.main(["--quick", "--threads", "1", "--device", "cpu", "--sizes", "32", "64", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert str(tmp_path / "bench.json") in printed and "Batched vs sequential" in printed
     saved = json.loads((tmp_path / "bench.json").read_text())
@@ -42,7 +42,14 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
         assert s["gate"] is True and s["gate_ms"] > 0  # conf/run.yaml: localize=gate
         for part in ("generator", "classifier", "objective", "backward", "optimizer"):
             assert s[f"{part}_ms"] > 0, (s["prior"], part)
-    assert saved["matmul"]["dtype"] == "float32" and saved["matmul"]["flops_per_s"] > 0
+    # the reference matmul runs in the engine's precision (inversion.precision=auto: the CPU's)
+    assert saved["matmul"]["dtype"] == {"32": "float32", "bf16-mixed": "bfloat16"}[saved["precision"]]
+    assert saved["matmul"]["flops_per_s"] > 0 and saved["matmul"]["float32_flops_per_s"] > 0
+    assert [z["image_size"] for z in saved["sizes"]] == [32, 64] and saved["sizes"][0]["throughput"] == saved["throughput"]
+    for z in saved["sizes"]:
+        assert {(t["prior"], t["batch_size"]) for t in z["throughput"]} == {(p, b) for p in PRIORS for b in (1, 2)}
+        assert {f["prior"] for f in z["flops"]} == PRIORS and z["precision"] == saved["precision"]
+        assert all(t["memory_per_query_mb"] is None or t["memory_per_query_mb"] >= 0 for t in z["throughput"])
     flops = {f["prior"]: f for f in saved["flops"]}
     assert set(flops) == PRIORS
     # The generator's FLOPs are counted: INR (an MLP per pixel) costs more than free pixels (tv).
@@ -54,14 +61,41 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
 
 
 def test_fused_sine_layer_matches_autograd():
-    """nets.siren._SineAffine: same forward as sin(omega * baddbmm), same gradients."""
+    """nets.siren._SineAffine: same forward as sin(omega * baddbmm) (omega folded into W and b,
+    so equal up to round-off), same gradients."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 5, 3, generator=g, dtype=torch.double, requires_grad=True)
     w = torch.randn(2, 3, 4, generator=g, dtype=torch.double, requires_grad=True)
     b = torch.randn(2, 1, 4, generator=g, dtype=torch.double, requires_grad=True)
-    assert torch.equal(_SineAffine.apply(h, w, b, 30.0), torch.sin(30.0 * torch.baddbmm(b, h, w)))
+    assert torch.allclose(_SineAffine.apply(h, w, b, 30.0), torch.sin(30.0 * torch.baddbmm(b, h, w)),
+                          rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *t: _SineAffine.apply(*t, 3.0), (h, w, b))
     # A frozen input (the Fourier features, a cached prefix) gets no gradient computed.
     out = _SineAffine.apply(h.detach(), w, b, 3.0)
     out.sum().backward()
     assert w.grad is not None and h.grad is None
+
+
+def test_sine_layer_in_bf16_rounds_the_argument_once_and_returns_float32_gradients():
+    """Under bf16 autocast the layer's output stays within the bf16 rounding of its argument of
+    the float32 layer (|z| ~ 1 for SIREN init: 2^-8 relative), and the weight and bias gradients
+    come back in float32, close to the float32 ones."""
+    from disc_pl.nets.siren import BatchedLinear
+
+    g = torch.Generator().manual_seed(0)
+    layer = BatchedLinear(3, 64, 32, weight_bound=(6.0 / 64) ** 0.5 / 30.0, omega=30.0)
+    for row in range(3):
+        layer.reset_row(row, g)
+    h = torch.rand(3, 200, 64, generator=g) * 2 - 1
+    ref = layer(h)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in (layer.weight, layer.bias)]
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(h)
+    assert low.dtype == torch.bfloat16
+    low.float().square().sum().backward()
+    assert (low.float() - ref).abs().max() < 0.05 and (low.float() - ref).abs().mean() < 0.01
+    for p, r in zip((layer.weight, layer.bias), ref_grads):
+        assert p.grad.dtype == torch.float32
+        assert torch.linalg.vector_norm(p.grad - r) < 0.05 * torch.linalg.vector_norm(r)

@@ -72,6 +72,9 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["space.layers=[0,4]"], "space.layers", "[0, 4]", "the classifier exposes 4 feature maps"),
     (["manifold=duq", "manifold.margin=-1"], "manifold.margin", "-1", "must be a number >= 0"),
     (["manifold.lambda_mc=-0.1"], "manifold.lambda_mc", "-0.1", "must be a number >= 0"),
+    (["query.memory_fraction=1.5"], "query.memory_fraction", "1.5", "must be a number > 0 and <= 1 (or null)"),
+    (["inversion.precision=bf16"], "inversion.precision", "'bf16'", "must be one of auto, 32, bf16-mixed, 16-mixed"),
+    (["inversion.precision=16-mixed"], "inversion.precision", "'16-mixed'", "needs a CUDA device"),
 ])
 def test_bad_value_fails_before_any_work(tmp_path, overrides, key, shown, allowed):
     err = run_fails(tmp_path, overrides)

@@ -118,7 +118,7 @@ def test_out_of_memory_splits_the_batch_and_gives_the_unsplit_results(tmp_path, 
         return real(classifier, images, targets, **kw)
 
     monkeypatch.setattr(module_lib, "generate_counterfactuals", small_gpu)
-    split = run_into(tmp_path / "split", overrides, "query.batch_size=4")
+    split = run_into(tmp_path / "split", overrides, "query.batch_size=4", "query.memory_fraction=null")
     assert attempts == [4, 2, 2, 2]  # the batch of 4 failed once and ran as 2 + 2
     ids = [int(r["query_id"]) for r in read_rows(tmp_path / "split")]
     assert len(ids) == 6 and sorted(done_seeds) == sorted(query_seed(TEST_SEED, q) for q in ids)  # each once
@@ -128,6 +128,61 @@ def test_out_of_memory_splits_the_batch_and_gives_the_unsplit_results(tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert split["cf/flip_rate"] == unsplit["cf/flip_rate"]
     assert "Next time set query.batch_size=2" in caplog.text
+
+
+@pytest.mark.slow
+def test_first_batch_guess_runs_what_fits_in_memory_and_gives_the_smaller_batch_results(
+        tmp_path, toy_cfg, monkeypatch, caplog):
+    """A probe of the first batch measures the memory per query (here: 50 MB, as if measured);
+    with 125 MB free and query.memory_fraction=0.8, 2 queries fit: batches of 4 run as 2 + 2,
+    bit-identical to query.batch_size=2, with a warning naming the batch size to set."""
+    overrides, _ = toy_cfg
+    unsplit = run_into(tmp_path / "unsplit", overrides, "query.batch_size=2", "query.memory_fraction=null")
+    real = module_lib.generate_counterfactuals
+    sizes: list[int] = []
+
+    def counting(classifier, images, targets, **kw):
+        sizes.append(len(images))
+        return real(classifier, images, targets, **kw)
+
+    monkeypatch.setattr(module_lib, "generate_counterfactuals", counting)
+    monkeypatch.setattr(module_lib, "available_mb", lambda device: 125.0)
+    probes: list[int] = []
+
+    def measured(fn, device):
+        probes.append(1)
+        fn()
+        return 100.0  # the probe's 2 queries
+
+    monkeypatch.setattr(module_lib, "measure_mb", measured)
+    split = run_into(tmp_path / "split", overrides, "query.batch_size=4")
+    assert probes == [1] and sizes == [2, 2, 2, 2]  # one probe (2 queries), then 6 queries as 2 + 2 + 2
+    assert without_timing(read_rows(tmp_path / "split")) == without_timing(read_rows(tmp_path / "unsplit"))
+    a = torch.load(tmp_path / "split" / "counterfactuals.pt", weights_only=True)
+    b = torch.load(tmp_path / "unsplit" / "counterfactuals.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert split["cf/flip_rate"] == unsplit["cf/flip_rate"]
+    assert "optimising 2 queries at a time" in caplog.text and "Set query.batch_size=2" in caplog.text
+
+
+def test_memory_probe_sees_what_a_call_allocates():
+    """disc_pl.cf.memory.measure_mb: a call that holds a 64 MB tensor adds >= 60 MB of peak (on a
+    Linux CPU through VmHWM), and the global RNG is as before the probe."""
+    from disc_pl.cf import memory
+
+    device = torch.device("cpu")
+    if not memory.reset_peak(device):
+        pytest.skip("this kernel does not let a process reset its peak resident set (/proc/self/clear_refs)")
+    state = torch.random.get_rng_state()
+
+    def hold():
+        x = torch.rand(16 * 2**20)  # 64 MB, touched
+        return float(x.sum())
+
+    used = memory.measure_mb(hold, device)
+    assert used is not None and used >= 60, used
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert memory.queries_that_fit(50.0, 125.0, 0.8) == 2 and memory.queries_that_fit(500.0, 125.0, 0.8) == 1
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """``python -m disc_pl.bench [--quick]`` — how fast and how efficiently counterfactuals are made.
 
 Measures, on one device (CUDA if available, else CPU), with the default run config
-(``conf/run.yaml``: 32x32 synthetic-faces images, manifold=dep, space=lso) and each prior's
-yaml sizes:
+(``conf/run.yaml``: synthetic-faces images, manifold=dep, space=lso, ``inversion.precision``)
+and each prior's yaml sizes, at each image size of ``--sizes`` (default 32 and 96 px, and 128
+px on CUDA; the first size also gets the batched-vs-sequential comparison):
 
 * **throughput**: counterfactuals per second for prior tv / dip / inr at batch sizes 1/8/32/64;
 * **batched vs sequential**: 32 INR queries optimised together vs one at a time (same seeds,
@@ -11,9 +12,12 @@ yaml sizes:
   split by ``torch.profiler`` into its labelled parts (generator, gate, classifier,
   objective terms, backward, optimiser, bookkeeping);
 * **FLOP/s**: the FLOPs of one engine step (``torch.utils.flop_counter``) over its measured
-  time, as a fraction of a dense float32 2048x2048 matmul's FLOP/s measured in the same run;
-* **peak memory**: ``torch.cuda.max_memory_allocated`` per case on CUDA; the process's
-  ``ru_maxrss`` (peak resident set so far) on CPU.
+  time, as a fraction of a dense 2048x2048 matmul's FLOP/s measured in the same run *in the
+  precision the engine runs in* (bf16 under ``bf16-mixed``; float32 also reported);
+* **peak memory** per case and per query: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU
+  the process's peak resident set (``VmHWM``, reset before each case through
+  ``/proc/self/clear_refs``; where that is not possible, ``ru_maxrss``, the peak so far), minus
+  the resident set before the case, over the batch size.
 
 Step counts are fixed (no early stopping: ``min_steps > steps``, unreachable PSNR target) so
 figures compare across priors and batch sizes. The classifier is a fresh, untrained ResNet-18
@@ -30,7 +34,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +44,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from disc_pl.cf import memory, precision as amp
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
 from disc_pl.cf.losses import DEPManifold
 from disc_pl.job import inversion_options
@@ -59,7 +63,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, every core)")
     p.add_argument("--out", default=None, help="output folder (default outputs/bench/<time>)")
     p.add_argument("--priors", nargs="+", default=list(PRIORS), choices=PRIORS)
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default 1 8 32 64")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                   help="default 1 8 32 64 at the first size, 1 16 at the others")
+    p.add_argument("--sizes", nargs="+", type=int, default=None,
+                   help="image sizes in px (default 32 96, and 128 on CUDA; --quick: 32)")
     p.add_argument("--recon-steps", type=int, default=None, help="reconstruction steps (default 10)")
     p.add_argument("--stage-steps", type=int, default=None, help="steps per counterfactual stage (default 10)")
     p.add_argument("--sequential-queries", type=int, default=None, help="default 32")
@@ -99,23 +106,16 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> floa
     return timed2(fn, device, repeats)[0]
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+reset_peak, current_memory_mb, peak_memory_mb = memory.reset_peak, memory.current_mb, memory.peak_mb
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def matmul_flops(device: torch.device, n: int, repeats: int) -> tuple[float, float]:
-    """Dense float32 n x n matmul FLOP per wall second and per CPU second (2 n^3 per product)
-    on this device and thread count."""
+def matmul_flops(device: torch.device, n: int, repeats: int, dtype: torch.dtype = torch.float32
+                 ) -> tuple[float, float]:
+    """Dense n x n matmul FLOP per wall second and per CPU second (2 n^3 per product) in
+    ``dtype`` on this device and thread count."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device)
-    b = torch.randn(n, n, generator=g).to(device)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
     timed(lambda: a @ b, device)  # warm-up
     wall, cpu = timed2(lambda: a @ b, device, repeats)
     return 2 * n**3 / wall, 2 * n**3 / max(cpu, 1e-9)
@@ -125,20 +125,23 @@ def matmul_flops(device: torch.device, n: int, repeats: int) -> tuple[float, flo
 class Bench:
     """Models, queries and settings shared by every measurement."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device, size: int | None = None,
+                 first: bool = True) -> None:
         self.device = device
         quick = args.quick
         self.recon_steps = args.recon_steps if args.recon_steps is not None else (1 if quick else 10)
         self.stage_steps = args.stage_steps if args.stage_steps is not None else (1 if quick else 10)
-        self.batch_sizes = args.batch_sizes or ([1, 2] if quick else [1, 8, 32, 64])
+        self.batch_sizes = args.batch_sizes or ([1, 2] if quick else ([1, 8, 32, 64] if first else [1, 16]))
         self.split_batch = 2 if quick else 32
         self.sequential_queries = args.sequential_queries or (2 if quick else 32)
         self.timing_repeats = 1 if quick else 5  # per-part step timings (fastest kept)
         self.run_repeats = 1 if quick else 2  # whole generate() runs (fastest kept)
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            self.configs = {p: compose("run", overrides=[f"prior={p}", "logger=none", *args.overrides])
+            sized = [f"dataset.image_size={size}"] if size is not None else []
+            self.configs = {p: compose("run", overrides=[f"prior={p}", "logger=none", *sized, *args.overrides])
                             for p in args.priors}
         cfg = next(iter(self.configs.values()))
+        self.precision = amp.resolve(cfg.inversion.precision, device)
         self.classifier, self.classifier_desc = self._classifier(cfg, args.checkpoint)
         self.manifold = DEPManifold(self.classifier)
         size = int(cfg.dataset.image_size)
@@ -171,7 +174,7 @@ class Bench:
         # gate fallback off: a fixed amount of work per query (no second search for unflipped ones)
         gate = replace(options.gate, fallback=False) if options.gate is not None else None
         return replace(options, stages=stages, recon_steps=recon, psnr_target=1e9, log_every=0,
-                       gate=gate), factory
+                       gate=gate, precision=self.precision), factory
 
     def generate(self, prior: str, rows: slice, options: InversionOptions | None = None, hparams=None):
         """``hparams``: the prior's generator factory (``Bench.options``)."""
@@ -188,7 +191,8 @@ def throughput(bench: Bench, prior: str, batch: int) -> dict:
     options, hparams = bench.options(prior)
     bench.generate(prior, slice(0, 1), replace(options, recon_steps=min(options.recon_steps, 1),
                                                stages=[replace(s, steps=1) for s in options.stages]), hparams)
-    reset_peak(bench.device)
+    before = current_memory_mb(bench.device)
+    windowed = reset_peak(bench.device)
     out: list = []
     seconds, cpu = timed2(lambda: out.append(bench.generate(prior, slice(0, batch), options, hparams)),
                           bench.device, bench.run_repeats)
@@ -198,7 +202,9 @@ def throughput(bench: Bench, prior: str, batch: int) -> dict:
     return {"prior": prior, "batch_size": batch, "seconds": seconds, "cf_per_s": batch / seconds,
             "cpu_seconds": cpu, "cf_per_cpu_s": batch / cpu,
             "recon_steps": options.recon_steps, "cf_steps": cf_steps,
-            "peak_memory_mb": peak_memory_mb(bench.device)}
+            "peak_memory_mb": peak_memory_mb(bench.device),
+            # what the case added over what the process held before it, per query
+            "memory_per_query_mb": max(peak_memory_mb(bench.device) - before, 0.0) / batch if windowed else None}
 
 
 def batched_vs_sequential(bench: Bench, prior: str = "inr") -> dict:
@@ -288,48 +294,79 @@ def flop_rate(bench: Bench, split: dict, matmul: tuple[float, float]) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------
-def markdown(r: dict) -> str:
-    lines = [f"# disc_pl bench — {r['device_name']} ({r['threads']} threads), {r['time']}", "",
-             f"Load average {r['load_average_start']:.1f} at the start, {r['load_average_end']:.1f} at the end "
-             f"({r['seconds']:.0f} s); OMP_WAIT_POLICY={r['env']['OMP_WAIT_POLICY']}.", "",
-             f"Classifier: {r['classifier']}. Images {r['image_size']}x{r['image_size']}, "
-             + ", ".join(f"{k}={v}" for k, v in r["method"].items())
-             + (f" (overrides: {' '.join(r['overrides'])})" if r["overrides"] else "")
-             + f"; {r['recon_steps']} reconstruction steps, {r['stage_steps']} steps per stage, "
-             f"no early stopping. {r['precision_note']}", "",
-             "## Counterfactuals per second", "",
+def _size_tables(r: dict, z: dict) -> list[str]:
+    size = z["image_size"]
+    lines = [f"## {size}x{size} px: counterfactuals per second", "",
              "Wall clock, and per CPU second of this process (with 1 thread: the wall time an idle "
-             "machine would give).", "",
-             "| prior | batch | seconds | cf/s | CPU s | cf per CPU s | peak MB |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {t['prior']} | {t['batch_size']} | {t['seconds']:.2f} | {t['cf_per_s']:.2f} | "
-              f"{t['cpu_seconds']:.2f} | {t['cf_per_cpu_s']:.2f} | {t['peak_memory_mb']:.0f} |"
-              for t in r["throughput"]]
-    bs = r["batched_vs_sequential"]
-    lines += ["", "## Batched vs sequential", "",
-              f"{bs['queries']} {bs['prior']} queries: batched {bs['batched_s']:.2f} s, one at a time "
-              f"{bs['sequential_s']:.2f} s: **{bs['ratio']:.2f}x** (CPU time: {bs['batched_cpu_s']:.2f} s vs "
-              f"{bs['sequential_cpu_s']:.2f} s, **{bs['ratio_cpu']:.2f}x**; target >= "
-              f"{TARGETS['batched_over_sequential']}x); max |difference| {bs['max_abs_diff']:.1e}", "",
-              f"## One step of the `all` stage (batch {r['step_split'][0]['batch_size']})", "",
+             "machine would give); memory: the case's peak over what the process held before it.", "",
+             "| prior | batch | seconds | cf/s | CPU s | cf per CPU s | peak MB | MB per query |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in z["throughput"]:
+        per_query = "n/a" if t.get("memory_per_query_mb") is None else f"{t['memory_per_query_mb']:.1f}"
+        lines.append(f"| {t['prior']} | {t['batch_size']} | {t['seconds']:.2f} | {t['cf_per_s']:.2f} | "
+                     f"{t['cpu_seconds']:.2f} | {t['cf_per_cpu_s']:.2f} | "
+                     f"{t['peak_memory_mb']:.0f} | {per_query} |")
+    m = r["matmul"]
+    lines += ["", f"## {size}x{size} px: one step of the `all` stage (batch {z['step_split'][0]['batch_size']})", "",
               "The engine's own step (wall and CPU ms, from runs of n and 2n steps), split into its "
               "labelled parts by torch.profiler (host ms per step; forward parts, then the one backward "
               "pass; `objective` includes the manifold model; `other` = step - the parts). FLOPs "
-              "counted with torch.utils.flop_counter.", "",
+              f"counted with torch.utils.flop_counter; `of matmul`: of the {m['dtype']} matmul's rate.", "",
               "| prior | step ms | step CPU ms | " + " | ".join(STEP_PARTS) + " | other | GFLOP/step "
               "| GFLOP/s | of matmul | of matmul (CPU time) |",
               "|---" * (len(STEP_PARTS) + 8) + "|"]
-    for s, f in zip(r["step_split"], r["flops"]):
+    for s, f in zip(z["step_split"], z["flops"]):
         share = " | ".join(f"{s[k + '_ms']:.1f} ({100 * s[k + '_fraction']:.0f}%)"
                            for k in (*STEP_PARTS, "other"))
         lines.append(f"| {s['prior']} | {s['step_ms']:.1f} | {s['step_cpu_ms']:.1f} | {share} | "
                      f"{f['flops_per_step'] / 1e9:.2f} | {f['achieved_flops_per_s'] / 1e9:.1f} | "
                      f"{100 * f['fraction_of_matmul']:.0f}% | {100 * f['fraction_of_matmul_cpu']:.0f}% |")
+    return lines + [""]
+
+
+def markdown(r: dict) -> str:
+    sizes = ", ".join(f"{z['image_size']}x{z['image_size']}" for z in r["sizes"])
+    lines = [f"# disc_pl bench — {r['device_name']} ({r['threads']} threads), {r['time']}", "",
+             f"Load average {r['load_average_start']:.1f} at the start, {r['load_average_end']:.1f} at the end "
+             f"({r['seconds']:.0f} s); OMP_WAIT_POLICY={r['env']['OMP_WAIT_POLICY']}.", "",
+             f"Classifier: {r['classifier']}. Images {sizes}, "
+             + ", ".join(f"{k}={v}" for k, v in r["method"].items())
+             + (f" (overrides: {' '.join(r['overrides'])})" if r["overrides"] else "")
+             + f"; {r['recon_steps']} reconstruction steps, {r['stage_steps']} steps per stage, "
+             f"no early stopping. Precision: {r['precision_note']}.", ""]
+    bs = r["batched_vs_sequential"]
+    lines += ["## Batched vs sequential", "",
+              f"{bs['queries']} {bs['prior']} queries of {r['image_size']}x{r['image_size']} px: batched "
+              f"{bs['batched_s']:.2f} s, one at a time "
+              f"{bs['sequential_s']:.2f} s: **{bs['ratio']:.2f}x** (CPU time: {bs['batched_cpu_s']:.2f} s vs "
+              f"{bs['sequential_cpu_s']:.2f} s, **{bs['ratio_cpu']:.2f}x**; target >= "
+              f"{TARGETS['batched_over_sequential']}x); max |difference| {bs['max_abs_diff']:.1e}", ""]
+    for z in r["sizes"]:
+        lines += _size_tables(r, z)
     m = r["matmul"]
-    lines += ["", f"Reference: {m['n']}x{m['n']} {m['dtype']} matmul {m['flops_per_s'] / 1e9:.1f} GFLOP/s "
-              f"({m['flops_per_cpu_s'] / 1e9:.1f} per CPU second) "
-              f"(target: INR step >= {100 * TARGETS['flops_fraction_of_matmul']:.0f}% of it). "
+    lines += [f"Reference: {m['n']}x{m['n']} {m['dtype']} matmul {m['flops_per_s'] / 1e9:.1f} GFLOP/s "
+              f"({m['flops_per_cpu_s'] / 1e9:.1f} per CPU second; float32 {m['float32_flops_per_s'] / 1e9:.1f}) "
+              f"(target: INR step at the largest size >= {100 * TARGETS['flops_fraction_of_matmul']:.0f}% of it). "
               f"Peak memory: {r['memory_kind']}.", ""]
     return "\n".join(lines)
+
+
+def _default_sizes(args: argparse.Namespace, device: torch.device) -> list[int]:
+    if args.sizes:
+        return list(args.sizes)
+    if args.quick:
+        return [32]
+    return [32, 96, 128] if device.type == "cuda" else [32, 96]
+
+
+def measure_size(bench: Bench, args: argparse.Namespace, matmul: tuple[float, float]) -> dict:
+    """Throughput, per-step split and FLOP rate of every prior at the bench's image size."""
+    out: dict[str, Any] = {"image_size": int(bench.images.shape[-1]), "batch_sizes": bench.batch_sizes,
+                           "precision": bench.precision}
+    out["throughput"] = [throughput(bench, p, b) for p in args.priors for b in bench.batch_sizes]
+    out["step_split"] = [step_split(bench, p) for p in args.priors]
+    out["flops"] = [flop_rate(bench, s, matmul) for s in out["step_split"]]
+    return out
 
 
 def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
@@ -343,9 +380,15 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
         torch.set_num_threads(args.threads)
     started = dt.datetime.now()
     out_dir = Path(args.out or Path("outputs/bench") / started.strftime("%Y-%m-%d_%H-%M-%S"))
-    bench = Bench(args, device)
+    sizes = _default_sizes(args, device)
+    bench = Bench(args, device, sizes[0], first=True)
     matmul_n = 256 if args.quick else 2048
-    matmul = matmul_flops(device, matmul_n, 2 if args.quick else 5)
+    repeats = 2 if args.quick else 5
+    fp32 = matmul_flops(device, matmul_n, repeats)
+    low = amp.dtype_of(bench.precision)
+    # The reference is the matmul in the precision the engine's matmuls run in.
+    matmul = matmul_flops(device, matmul_n, repeats, low) if low is not None else fp32
+    tf32 = " (TF32)" if device.type == "cuda" else ""
     report: dict[str, Any] = {
         "time": started.isoformat(timespec="seconds"), "quick": bool(args.quick),
         "device": device.type,
@@ -355,27 +398,34 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
         # how threads wait (an actively spinning OpenMP barrier on an oversubscribed CPU is slow).
         "load_average_start": os.getloadavg()[0],
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
-        "image_size": int(bench.images.shape[-1]), "recon_steps": bench.recon_steps,
+        "image_size": int(bench.images.shape[-1]), "image_sizes": sizes, "recon_steps": bench.recon_steps,
         "stage_steps": bench.stage_steps, "batch_sizes": bench.batch_sizes,
         # the bench always uses manifold=dep and space=lso; the gate follows the run config
         "method": {"manifold": "dep", "space": "lso",
                    "localize": str(next(iter(bench.configs.values())).localize.name)},
         "overrides": list(args.overrides),
-        "precision_note": ("float32 with TF32 enabled for matmul and cuDNN" if device.type == "cuda"
-                           else "float32"),
+        "precision": bench.precision,
+        "precision_note": (f"inversion.precision={bench.precision}"
+                           + (" (bf16 autocast)" if bench.precision == "bf16-mixed" else "")
+                           + (" (fp16 autocast)" if bench.precision == "16-mixed" else "")
+                           + (", TF32 for float32 matmul and cuDNN" if device.type == "cuda" else "")),
         "memory_kind": ("torch.cuda.max_memory_allocated per case" if device.type == "cuda"
-                        else "ru_maxrss, the process's peak resident set so far"),
-        "matmul": {"n": matmul_n, "dtype": "float32" + (" (TF32)" if device.type == "cuda" else ""),
-                   "flops_per_s": matmul[0], "flops_per_cpu_s": matmul[1]},
+                        else "peak resident set per case (VmHWM, reset per case)"),
+        "matmul": {"n": matmul_n, "dtype": (str(low).replace("torch.", "") if low is not None else "float32" + tf32),
+                   "flops_per_s": matmul[0], "flops_per_cpu_s": matmul[1],
+                   "float32_flops_per_s": fp32[0], "float32_flops_per_cpu_s": fp32[1]},
         "targets": dict(TARGETS),
     }
-    report["throughput"] = [throughput(bench, p, b) for p in args.priors for b in bench.batch_sizes]
+    first = measure_size(bench, args, matmul)
     seq_prior = "inr" if "inr" in args.priors else args.priors[0]
     report["batched_vs_sequential"] = batched_vs_sequential(bench, seq_prior)
-    report["step_split"] = [step_split(bench, p) for p in args.priors]
-    report["flops"] = [flop_rate(bench, s, matmul) for s in report["step_split"]]
+    report["sizes"] = [first] + [measure_size(Bench(args, device, size, first=False), args, matmul)
+                                 for size in sizes[1:]]
+    # the first size's tables at the top level (as before --sizes)
+    report.update(throughput=first["throughput"], step_split=first["step_split"], flops=first["flops"])
     report["peak_memory_mb"] = peak_memory_mb(device)
-    inr = next((f for f in report["flops"] if f["prior"] == seq_prior), report["flops"][0])
+    last = report["sizes"][-1]  # the largest size: where the target matters
+    inr = next((f for f in last["flops"] if f["prior"] == seq_prior), last["flops"][0])
     bs = report["batched_vs_sequential"]
     report["targets_met"] = {  # wall clock, and CPU time (what an idle machine gives, with 1 thread)
         "batched_over_sequential": bs["ratio"] >= TARGETS["batched_over_sequential"],

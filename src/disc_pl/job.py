@@ -56,7 +56,8 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
         space=space, lambda_sem=space.lambda_sem, lambda_mc=manifold.lambda_mc, gate=gate,
         lambda_fc=float(inv.lambda_fc), relax=float(inv.relax), target_margin=float(inv.target_margin),
         log_every=int(inv.log_every), eot_views=int(inv.get("eot_views", 0)),
-        eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)))
+        eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)),
+        precision=str(inv.get("precision", "32")))
     return options, instantiate(cfg.prior.hparams)
 
 
@@ -219,8 +220,10 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         queries = QueryDataset(query_data, todo, [target] * len(todo), cfg.seed, gt)
         loader = torch.utils.data.DataLoader(queries, batch_size=int(cfg.query.batch_size),
                                              shuffle=False, num_workers=int(cfg.query.num_workers))
+        fraction = cfg.query.get("memory_fraction", 0.8)
         module = InversionModule(classifier, manifold, prior_factory, options, dm.class_names,
-                                 prior_name=str(cfg.prior.name))
+                                 prior_name=str(cfg.prior.name),
+                                 memory_fraction=None if fraction is None else float(fraction))
         trainer = instantiate(cfg.trainer, inference_mode=False, logger=logger or False,
                               callbacks=[CounterfactualWriter(out_dir), tracking.CloseGlooAtExit(),
                                          QueryProgress(len(indices), already_done=len(indices) - len(todo))],

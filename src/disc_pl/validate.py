@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from disc_pl import utils
 from disc_pl.cf.priors import Prior
+from disc_pl.cf import precision as amp
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
 from disc_pl.models.byo import is_byo  # noqa: F401 (re-exported)
 from disc_pl.models.fit import RECIPE_KEYS
@@ -312,6 +313,7 @@ def _check_query(ch: _Checks) -> None:
     else:
         ch.integer("query.count", 1)
     ch.integer("query.batch_size", 1)
+    ch.number("query.memory_fraction", 0, 1, low_open=True, nullable=True)
     ch.integer("query.num_workers", 0)
     ch.boolean("query.require_correct")
     source, target = ch.get("query.source"), ch.get("query.target")
@@ -330,6 +332,17 @@ def _check_inversion(ch: _Checks) -> None:
     ch.integer("inversion.steps_per_stage", 1)
     ch.integer("inversion.min_steps", 0)
     ch.integer("inversion.log_every", 0)
+    precision = ch.get("inversion.precision")
+    if precision not in (ABSENT, MISSING):
+        try:
+            precision = amp.normalize(precision)
+        except ValueError:
+            ch.add("inversion.precision", precision, f"must be one of {', '.join(amp.CHOICES)} (auto: bf16-mixed "
+                   "where the device computes bf16 natively, else 32)")
+        else:
+            if precision == "16-mixed" and ch.get("trainer.accelerator") == "cpu":
+                ch.add("inversion.precision", precision, "needs a CUDA device (trainer.accelerator=cpu here): "
+                       "use bf16-mixed, 32 or auto on a CPU")
 
 
 def _check_output(ch: _Checks) -> None:

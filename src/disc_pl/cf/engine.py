@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from torch.profiler import record_function
 
+from disc_pl.cf import precision as amp
 from disc_pl.cf.gate import GateOptions, SpatialGate
 from disc_pl.cf.losses import SemanticSpace, per_sample_mse
 from disc_pl.cf.objective import Step, Term, check_objective, default_objective
@@ -91,8 +92,12 @@ class InversionOptions:
     eot_views: int = 0
     eot_shift: float = 1.0
     eot_noise: float = 0.02
+    # Numeric precision (disc_pl.cf.precision): 32 | bf16-mixed | 16-mixed | auto (resolved on
+    # the queries' device when the batch starts: bf16-mixed where it computes bf16 natively).
+    precision: str = "32"
 
     def __post_init__(self) -> None:
+        self.precision = amp.normalize(self.precision)
         checks = {"lr": self.lr > 0, "relax": 0 < self.relax <= 1, "lambda_sem": self.lambda_sem >= 0,
                   "lambda_mc": self.lambda_mc >= 0, "lambda_fc": self.lambda_fc > 0,
                   "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1,
@@ -160,6 +165,7 @@ class CounterfactualBatch:
     seconds: Tensor                # [B] float64 wall time per query (its share of each step it ran)
     losses: dict[str, Tensor] = field(default_factory=dict)  # term -> [B] at the kept iterate
     localized: Tensor | None = None  # [B] bool: the kept image came from the gated search; None: no gate
+    precision: str = "32"          # the precision it ran in (inversion.precision, resolved)
 
 
 def _probs(logits: Tensor) -> Tensor:
@@ -245,18 +251,23 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
             for p in module.parameters():
                 p.requires_grad_(False)
 
+    precision = amp.resolve(opts.precision, device)
+    autocast, scale = (lambda: amp.autocast(precision, device)), amp.loss_scale(precision)
     gen = make_prior(prior, images, seeds, prior_hparams)
     if fitted is not None:
         gen.load_state_dict(fitted[0])
         recon_psnr = fitted[1]
     elif opts.recon_steps:
-        recon_psnr = gen.reconstruct(opts.recon_steps, opts.psnr_target, lr=opts.recon_lr, sizes=opts.recon_sizes)
+        with autocast():
+            recon_psnr = gen.reconstruct(opts.recon_steps, opts.psnr_target, lr=opts.recon_lr,
+                                         sizes=opts.recon_sizes, loss_scale=scale)
     else:
         recon_psnr = torch.full((B,), float("nan"))
     fit = None  # kept only for the gate fallback, which starts again from the fitted generators
     if opts.gate is not None and opts.gate.fallback:
         fit = ({k: v.detach().clone() for k, v in gen.state_dict().items()}, recon_psnr)
-    render = _Renderer(gen, images, opts.residual, [s.size for s in opts.stages])
+    with autocast():
+        render = _Renderer(gen, images, opts.residual, [s.size for s in opts.stages])
     gate = None
     if opts.gate is not None:
         gate = SpatialGate(B, opts.gate.grid, tuple(images.shape[-2:]), opts.gate.init, device)
@@ -295,14 +306,17 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
             everyone = idx.numel() == B
             subset = None if everyone else idx
             query = images if everyone else images[idx]
-            with record_function("disc_pl.generator"):
-                x = render(subset)
-            m = None
-            if gate is not None:
-                with record_function("disc_pl.gate"):
-                    x, m = gate.apply(query, x, subset)
-            with record_function("disc_pl.classifier"):
-                logits, feats = classifier.forward_features(x)
+            with autocast():
+                with record_function("disc_pl.generator"):
+                    x = render(subset)
+                m = None
+                if gate is not None:
+                    with record_function("disc_pl.gate"):
+                        x, m = gate.apply(query, x, subset)
+                with record_function("disc_pl.classifier"):
+                    logits, feats = classifier.forward_features(x)
+            if precision != "32":  # the objective and the success test in float32
+                x, logits, feats = x.float(), logits.float(), [f.float() for f in feats]
             with record_function("disc_pl.objective"):
                 step = Step(x=x, logits=logits, feats=feats, query=query, source=source[idx],
                             target=targets[idx], idx=idx, prior=gen, mask=m,
@@ -318,7 +332,11 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
                 gate_optim.zero_grad()
             if finite.any():
                 with record_function("disc_pl.backward"):
-                    total[finite].sum().backward()
+                    (total[finite].sum() * scale).backward()
+                    if scale != 1.0:
+                        for p in (*optim.params, *(gate_optim.params if gate is not None else ())):
+                            if p.grad is not None:
+                                p.grad.div_(scale)
                 with record_function("disc_pl.optimizer"):
                     stepped = None if everyone and bool(finite.all()) else idx[finite]
                     optim.step(stepped)
@@ -360,6 +378,8 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
     t_end = time.perf_counter()
     with torch.no_grad():
         logits_final = classifier(best)
+    if precision != "32":  # success is judged in float32, on the image returned
+        valid_found &= is_flipped(logits_final, targets, opts.target_margin)
     # A query that found a valid iterate before diverging still has a valid counterfactual.
     status = [FLIPPED if v else (DIVERGED if d else NOT_FLIPPED)
               for d, v in zip(diverged.tolist(), valid_found.tolist())]
@@ -370,7 +390,7 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
         target_prob=_probs(logits_final).gather(1, targets[:, None]).squeeze(1).cpu(),
         prediction=logits_final.argmax(1).cpu(), steps=steps.cpu(), recon_psnr=recon_psnr.cpu(),
         seconds=seconds, losses={t: v.cpu() for t, v in kept_terms.items()},
-        localized=torch.ones(B, dtype=torch.bool) if gate is not None else None,
+        localized=torch.ones(B, dtype=torch.bool) if gate is not None else None, precision=precision,
     ), fit
 
 

@@ -20,6 +20,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from disc_pl.cf.memory import available_mb, measure_mb, probe_options, queries_that_fit
 from disc_pl.cf.engine import CounterfactualBatch, InversionOptions, PriorFactory, generate_counterfactuals
 from disc_pl.cf.results import write_part
 from disc_pl.metrics import functional as M
@@ -41,6 +42,8 @@ def concat_batches(parts: Sequence[CounterfactualBatch]) -> CounterfactualBatch:
             return [v for part in values for v in part]
         if isinstance(first, dict):
             return {k: cat([v[k] for v in values]) for k in first}
+        if isinstance(first, str) and all(v == first for v in values):  # `precision`: one per job
+            return first
         raise TypeError(f"cannot concatenate {type(first).__name__} fields")
     return CounterfactualBatch(**{f.name: cat([getattr(p, f.name) for p in parts])
                                   for f in dataclasses.fields(CounterfactualBatch)})
@@ -101,7 +104,7 @@ def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None)
                "localized": bool(out.localized[i]) if out.localized is not None else ""}
         row.update({k: float(v[i]) for k, v in figures.items()})
         row.update({"steps": int(out.steps[i]), "seconds": float(out.seconds[i]),
-                    "recon_psnr": float(out.recon_psnr[i])})
+                    "recon_psnr": float(out.recon_psnr[i]), "precision": out.precision})
         row.update({f"loss_{t}": float(v[i]) for t, v in out.losses.items()})
         rows.append(row)
     return rows
@@ -116,7 +119,7 @@ class InversionModule(pl.LightningModule):
 
     def __init__(self, classifier: nn.Module, manifold: nn.Module | None, prior: PriorFactory | str,
                  options: InversionOptions, class_names: Sequence[str] | None = None,
-                 prior_name: str | None = None) -> None:
+                 prior_name: str | None = None, memory_fraction: float | None = 0.8) -> None:
         super().__init__()
         self.classifier = classifier
         self.manifold = manifold
@@ -126,6 +129,13 @@ class InversionModule(pl.LightningModule):
         self.class_names = list(class_names) if class_names else None
         self._log_step = 0
         self.split_batch_sizes: list[int] = []  # batches that ran out of GPU memory and were halved
+        # First guess of the batch that fits (query.memory_fraction of the free memory; None: off):
+        # measured on the first batch by a few-step probe, then every batch is run in chunks of
+        # at most `max_queries` (None: the whole batch fits).
+        self.memory_fraction = memory_fraction
+        self.max_queries: int | None = None
+        self.memory_per_query_mb: float | None = None
+        self._probed = memory_fraction is None
 
     def _log(self, stats: dict[str, float]) -> None:
         self._log_step += 1
@@ -137,10 +147,46 @@ class InversionModule(pl.LightningModule):
             raise RuntimeError("InversionModule needs Trainer(inference_mode=False): counterfactual "
                                "generation backpropagates inside predict_step")
         with torch.enable_grad():
-            out = self._generate(batch, 0, len(batch["image"]))
+            n = len(batch["image"])
+            if not self._probed:
+                self._probe_memory(batch)
+            step = self.max_queries or n
+            chunks = [self._generate(batch, i, min(i + step, n)) for i in range(0, n, step)]
+            out = chunks[0] if len(chunks) == 1 else concat_batches(chunks)
         return {"rows": query_rows(batch, out, self.class_names),
                 "query_id": torch.as_tensor(batch["query_id"]).cpu(),
                 "query": batch["image"].detach().cpu(), "counterfactual": out.images}
+
+    def _probe_memory(self, batch: Mapping[str, Any]) -> None:
+        """Measure the memory one query takes (a probe of 2 queries, one step per stage; the
+        global RNG restored) and cap the batch at what ``memory_fraction`` of the free memory
+        holds. Nothing changes where the whole batch fits (the usual case)."""
+        self._probed = True
+        n, device = len(batch["image"]), batch["image"].device
+        free = available_mb(device)
+        k = min(n, 2)
+        if n < 2 or free is None:
+            return
+        probe = probe_options(self.options)
+        try:
+            used = measure_mb(lambda: generate_counterfactuals(
+                self.classifier, batch["image"][:k], batch["target"][:k], prior=self.prior, manifold=self.manifold,
+                options=probe, seeds=[int(s) for s in batch["seed"][:k]]), device)
+        except OOM_ERRORS:
+            used, self.max_queries = None, 1  # 2 do not fit: one at a time (its own error if 1 does not)
+            log.warning("the memory probe of %d queries ran out of memory: optimising one query at a time", k)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if used is None:
+            return
+        self.memory_per_query_mb = used / k
+        fit = queries_that_fit(self.memory_per_query_mb, free, float(self.memory_fraction))
+        if fit < n:
+            self.max_queries = fit
+            log.warning("query.batch_size=%d needs about %.0f MB (%.0f MB per query, measured) and %.0f MB "
+                        "are free on %s: optimising %d queries at a time (query.memory_fraction=%.2f). "
+                        "Set query.batch_size=%d to skip this check's guess", n, self.memory_per_query_mb * n,
+                        self.memory_per_query_mb, free, device, fit, float(self.memory_fraction), fit)
 
     def _generate(self, batch: Mapping[str, Any], start: int, stop: int) -> CounterfactualBatch:
         """Counterfactuals for rows start..stop-1 of the batch. Out of GPU memory, the rows are

@@ -231,7 +231,7 @@ class Prior(nn.Module, ABC):
         return self._image(self._run(state, start, len(self.groups), idx))
 
     def reconstruct(self, max_steps: int, psnr_target: float, lr: float | None = None,
-                    sizes: Sequence[int | None] = (None,)) -> Tensor:
+                    sizes: Sequence[int | None] = (None,), loss_scale: float = 1.0) -> Tensor:
         """Fit every generator to its own query (pixel MSE), batched, with RowAdam.
 
         Query i stops (and is frozen exactly) at the first step where its PSNR reaches
@@ -244,15 +244,19 @@ class Prior(nn.Module, ABC):
         full size) against the area-averaged queries. E.g. ``(48,)`` fits a 96 x 96 query on a
         48 x 48 grid, a quarter of the pixels per step; the INR is continuous, so it renders the
         full size afterwards (an interpolating fit: its full-size PSNR is lower by the detail
-        finer than the grid, which the engine's residual form keeps in x' anyway)."""
+        finer than the grid, which the engine's residual form keeps in x' anyway).
+
+        Under ``torch.autocast`` (``inversion.precision``) the forward passes run in its dtype;
+        ``loss_scale`` multiplies the MSE before backward and divides the gradients after it
+        (float16: small gradients do not underflow)."""
         out = None
         for size in sizes:
             self.set_render_size(self.size_at(size))
-            out = self._fit(max_steps, psnr_target, lr)
+            out = self._fit(max_steps, psnr_target, lr, loss_scale)
         self.set_render_size(self.full_size)
         return out
 
-    def _fit(self, max_steps: int, psnr_target: float, lr: float | None) -> Tensor:
+    def _fit(self, max_steps: int, psnr_target: float, lr: float | None, loss_scale: float = 1.0) -> Tensor:
         previous = self._trainable
         self.set_trainable(["all"])
         params = self.parameter_groups(["all"])
@@ -265,19 +269,23 @@ class Prior(nn.Module, ABC):
                 if rows.numel() == 0:
                     break
                 idx = None if rows.numel() == self.batch_size else rows
-                mse = (self(idx, perturb=True) - target[rows]).square().flatten(1).mean(1)
+                mse = (self(idx, perturb=True).float() - target[rows]).square().flatten(1).mean(1)
                 done = psnr(mse.detach()) >= psnr_target
                 active[rows[done]] = False
                 if optimizer is None or bool(done.all()):
                     continue
                 optimizer.zero_grad()
-                mse.sum().backward()  # a sum: each query's gradient is that of its own MSE
+                (mse.sum() * loss_scale).backward()  # a sum: each query's gradient is that of its own MSE
+                if loss_scale != 1.0:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.div_(loss_scale)
                 optimizer.step(rows[~done])
         if optimizer is not None:
             optimizer.zero_grad()
         self.set_trainable(previous)
         with torch.no_grad():
-            return psnr((self() - target).square().flatten(1).mean(1))
+            return psnr((self().float() - target).square().flatten(1).mean(1))
 
 
 class _ClampInward(torch.autograd.Function):

@@ -38,32 +38,48 @@ def pixel_grid(height: int, width: int, size: tuple[int, int] | None = None) -> 
 class _SineAffine(torch.autograd.Function):
     """sin(omega * (h @ W + b)) for h [b, N, in], W [b, in, out], b [b, 1, out].
 
-    Same forward as autograd's ``torch.sin(omega * torch.baddbmm(b, h, W))``, cheaper backward:
-    omega scales the small W / bias-sized tensors instead of the [b, N, out] activations, so a
-    layer makes 4 full-size elementwise passes instead of 5 and allocates fewer temporaries.
-    The sin/cos/mul passes, not the matmuls, are what keeps the INR step from matmul speed on
-    CPU (python -m disc_pl.bench: ~15 % less generator time at batch 32)."""
+    Same function as autograd's ``torch.sin(omega * torch.baddbmm(b, h, W))``, cheaper: omega
+    scales the small W and b instead of the [b, N, out] activations (forward: one full-size
+    pass less; backward: 4 full-size elementwise passes instead of 5, fewer temporaries).
+    The sin/cos passes, not the matmuls, are what keeps the INR step from matmul speed on a
+    CPU (``python -m disc_pl.bench``).
+
+    ``dtype`` (bf16 or fp16 under ``inversion.precision``; None: the inputs' own): the matmuls
+    run in it with float32 accumulation, and the sine argument z = h (omega W) + omega b is
+    rounded once to it (relative error 2^-9 in bf16, ~0.005 rad at |z| = 2.5; SIREN's init
+    keeps z near N(0, 1)). sin and cos are evaluated in float32; the weight and bias gradients
+    come back in the parameters' dtype."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, omega: float) -> Tensor:
-        z = torch.baddbmm(bias, h, weight).mul_(omega)
-        ctx.save_for_backward(h, weight, z)
-        ctx.omega = omega
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, omega: float, dtype: torch.dtype | None = None
+                ) -> Tensor:
+        w, b = weight * omega, bias * omega
+        if dtype is not None:
+            h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
+        z = torch.baddbmm(b, h, w)
+        ctx.save_for_backward(h, w, z)
+        ctx.omega, ctx.param_dtype = omega, weight.dtype
         return torch.sin(z)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h, weight, z = ctx.saved_tensors
+        h, w, z = ctx.saved_tensors
         omega = ctx.omega
-        grad_z = torch.cos(z).mul_(grad)  # d sin(z), without the omega factor
+        grad_z = torch.cos(z).mul_(grad.to(z.dtype))  # d sin(z), without the omega factor
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_h = torch.bmm(grad_z, weight.transpose(1, 2) * omega)
+            grad_h = torch.bmm(grad_z, w.transpose(1, 2))  # w holds omega
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(h.transpose(1, 2), grad_z).mul_(omega)
+            grad_w = torch.bmm(h.transpose(1, 2), grad_z).to(ctx.param_dtype).mul_(omega)
         if ctx.needs_input_grad[2]:
-            grad_b = grad_z.sum(1, keepdim=True).mul_(omega)
-        return grad_h, grad_w, grad_b, None
+            grad_b = grad_z.sum(1, keepdim=True, dtype=torch.float32).to(ctx.param_dtype).mul_(omega)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``t``'s device (None when autocast is off)."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 class BatchedLinear(nn.Module):
@@ -84,8 +100,9 @@ class BatchedLinear(nn.Module):
 
     def forward(self, h: Tensor, idx: Tensor | None = None) -> Tensor:
         if self.omega is not None:
-            return _SineAffine.apply(h, _rows(self.weight, idx), _rows(self.bias, idx), self.omega)
-        return torch.baddbmm(_rows(self.bias, idx), h, _rows(self.weight, idx))
+            return _SineAffine.apply(h, _rows(self.weight, idx), _rows(self.bias, idx), self.omega,
+                                     _autocast_dtype(h))
+        return torch.baddbmm(_rows(self.bias, idx), h, _rows(self.weight, idx))  # autocast decides
 
 
 class BatchedFourierSiren(nn.Module):
@@ -151,4 +168,5 @@ class BatchedFourierSiren(nn.Module):
         if name != "out":
             return h
         # [b, N, C] -> image [b, C, h, w] in [0, 1]
-        return torch.sigmoid(h).transpose(1, 2).reshape(h.shape[0], -1, *self.size)
+        # float32 pixels also under mixed precision
+        return torch.sigmoid(h.float()).transpose(1, 2).reshape(h.shape[0], -1, *self.size)

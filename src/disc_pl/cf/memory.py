@@ -1,0 +1,87 @@
+"""Memory of the inversion: peak-memory windows, what the device has free, and the first guess
+of how many queries fit in one batch (``query.memory_fraction``; ``disc_pl.cf.module``).
+
+On CUDA the figures are ``torch.cuda`` allocator bytes. On a CPU (Linux) they are the process's
+resident set: ``VmRSS`` now, ``VmHWM`` its peak since the last reset (writing ``5`` to
+``/proc/self/clear_refs`` resets it), and ``MemAvailable`` from ``/proc/meminfo``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def _proc_mb(path: str, field: str) -> float | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak(device: torch.device) -> bool:
+    """Start a new peak-memory window; False where the CPU peak cannot be reset (then
+    ``peak_mb`` is the process's peak so far)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
+
+
+def current_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _proc_mb("/proc/self/status", "VmRSS") or 0.0
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_mb("/proc/self/status", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def available_mb(device: torch.device) -> float | None:
+    """Memory free for new tensors on ``device`` (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    return _proc_mb("/proc/meminfo", "MemAvailable")
+
+
+def measure_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory ``fn()`` adds over what is held before it (None where the peak cannot be
+    windowed). The global RNG is restored afterwards, so a probe leaves the run unchanged."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        before = current_mb(device)
+        if not reset_peak(device):
+            return None
+        fn()
+        return max(peak_mb(device) - before, 0.0)
+
+
+def probe_options(options):
+    """``options`` cut to one step per stage (and per reconstruction phase), no early stop, no
+    gate fallback: the same tensors as the real run at its largest (full-size, all-groups)
+    stage, for the price of a few steps."""
+    stages = [dataclasses.replace(s, steps=1, min_steps=2) for s in options.stages]
+    gate = dataclasses.replace(options.gate, fallback=False) if options.gate is not None else None
+    return dataclasses.replace(options, stages=stages, recon_steps=min(options.recon_steps, 1), gate=gate,
+                               log_every=0)
+
+
+def queries_that_fit(per_query_mb: float, available: float, fraction: float) -> int:
+    """How many queries of ``per_query_mb`` fit in ``fraction`` of ``available`` MB (>= 1)."""
+    if per_query_mb <= 0:
+        return 2**31 - 1
+    return max(1, math.floor(fraction * available / per_query_mb))
