@@ -155,7 +155,7 @@ def test_first_batch_guess_runs_what_fits_in_memory_and_gives_the_smaller_batch_
         return 100.0  # the probe's 2 queries
 
     monkeypatch.setattr(module_lib, "measure_mb", measured)
-    split = run_into(tmp_path / "split", overrides, "query.batch_size=4")
+    split = run_into(tmp_path / "split", overrides, "query.batch_size=4", "query.memory_fraction=0.8")
     assert probes == [1] and sizes == [2, 2, 2, 2]  # one probe (2 queries), then 6 queries as 2 + 2 + 2
     assert without_timing(read_rows(tmp_path / "split")) == without_timing(read_rows(tmp_path / "unsplit"))
     a = torch.load(tmp_path / "split" / "counterfactuals.pt", weights_only=True)

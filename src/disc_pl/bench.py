@@ -106,9 +106,6 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> floa
     return timed2(fn, device, repeats)[0]
 
 
-reset_peak, current_memory_mb, peak_memory_mb = memory.reset_peak, memory.current_mb, memory.peak_mb
-
-
 def matmul_flops(device: torch.device, n: int, repeats: int, dtype: torch.dtype = torch.float32
                  ) -> tuple[float, float]:
     """Dense n x n matmul FLOP per wall second and per CPU second (2 n^3 per product) in
@@ -191,8 +188,8 @@ def throughput(bench: Bench, prior: str, batch: int) -> dict:
     options, hparams = bench.options(prior)
     bench.generate(prior, slice(0, 1), replace(options, recon_steps=min(options.recon_steps, 1),
                                                stages=[replace(s, steps=1) for s in options.stages]), hparams)
-    before = current_memory_mb(bench.device)
-    windowed = reset_peak(bench.device)
+    before = memory.current_mb(bench.device)
+    windowed = memory.reset_peak(bench.device)
     out: list = []
     seconds, cpu = timed2(lambda: out.append(bench.generate(prior, slice(0, batch), options, hparams)),
                           bench.device, bench.run_repeats)
@@ -202,9 +199,9 @@ def throughput(bench: Bench, prior: str, batch: int) -> dict:
     return {"prior": prior, "batch_size": batch, "seconds": seconds, "cf_per_s": batch / seconds,
             "cpu_seconds": cpu, "cf_per_cpu_s": batch / cpu,
             "recon_steps": options.recon_steps, "cf_steps": cf_steps,
-            "peak_memory_mb": peak_memory_mb(bench.device),
+            "peak_memory_mb": memory.peak_mb(bench.device),
             # what the case added over what the process held before it, per query
-            "memory_per_query_mb": max(peak_memory_mb(bench.device) - before, 0.0) / batch if windowed else None}
+            "memory_per_query_mb": max(memory.peak_mb(bench.device) - before, 0.0) / batch if windowed else None}
 
 
 def batched_vs_sequential(bench: Bench, prior: str = "inr") -> dict:
@@ -423,7 +420,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
                                  for size in sizes[1:]]
     # the first size's tables at the top level (as before --sizes)
     report.update(throughput=first["throughput"], step_split=first["step_split"], flops=first["flops"])
-    report["peak_memory_mb"] = peak_memory_mb(device)
+    report["peak_memory_mb"] = memory.peak_mb(device)
     last = report["sizes"][-1]  # the largest size: where the target matters
     inr = next((f for f in last["flops"] if f["prior"] == seq_prior), last["flops"][0])
     bs = report["batched_vs_sequential"]

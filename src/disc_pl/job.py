@@ -220,7 +220,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         queries = QueryDataset(query_data, todo, [target] * len(todo), cfg.seed, gt)
         loader = torch.utils.data.DataLoader(queries, batch_size=int(cfg.query.batch_size),
                                              shuffle=False, num_workers=int(cfg.query.num_workers))
-        fraction = cfg.query.get("memory_fraction", 0.8)
+        fraction = cfg.query.get("memory_fraction")
         module = InversionModule(classifier, manifold, prior_factory, options, dm.class_names,
                                  prior_name=str(cfg.prior.name),
                                  memory_fraction=None if fraction is None else float(fraction))

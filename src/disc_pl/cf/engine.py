@@ -332,11 +332,8 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
                 gate_optim.zero_grad()
             if finite.any():
                 with record_function("disc_pl.backward"):
-                    (total[finite].sum() * scale).backward()
-                    if scale != 1.0:
-                        for p in (*optim.params, *(gate_optim.params if gate is not None else ())):
-                            if p.grad is not None:
-                                p.grad.div_(scale)
+                    params = (*optim.params, *(gate_optim.params if gate is not None else ()))
+                    amp.scaled_backward(total[finite].sum(), params, scale)
                 with record_function("disc_pl.optimizer"):
                     stepped = None if everyone and bool(finite.all()) else idx[finite]
                     optim.step(stepped)

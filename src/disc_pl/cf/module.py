@@ -119,7 +119,7 @@ class InversionModule(pl.LightningModule):
 
     def __init__(self, classifier: nn.Module, manifold: nn.Module | None, prior: PriorFactory | str,
                  options: InversionOptions, class_names: Sequence[str] | None = None,
-                 prior_name: str | None = None, memory_fraction: float | None = 0.8) -> None:
+                 prior_name: str | None = None, memory_fraction: float | None = None) -> None:
         super().__init__()
         self.classifier = classifier
         self.manifold = manifold

@@ -74,3 +74,15 @@ def autocast(precision: str, device: torch.device | str) -> ContextManager:
 
 def loss_scale(precision: str) -> float:
     return LOSS_SCALE if precision == "16-mixed" else 1.0
+
+
+def scaled_backward(loss: torch.Tensor, params, scale: float = 1.0) -> None:
+    """``(loss * scale).backward()``, then the gradients of ``params`` divided by ``scale``
+    (16-mixed: small gradients survive float16; 1.0: a plain backward)."""
+    if scale == 1.0:
+        loss.backward()
+        return
+    (loss * scale).backward()
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(scale)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from disc_pl.cf import precision as amp
 from disc_pl.cf.optim import RowAdam
 from disc_pl.errors import ConfigError, Problem, is_integer
 from disc_pl.nets.siren import BatchedFourierSiren
@@ -275,11 +276,7 @@ class Prior(nn.Module, ABC):
                 if optimizer is None or bool(done.all()):
                     continue
                 optimizer.zero_grad()
-                (mse.sum() * loss_scale).backward()  # a sum: each query's gradient is that of its own MSE
-                if loss_scale != 1.0:
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.div_(loss_scale)
+                amp.scaled_backward(mse.sum(), params, loss_scale)  # a sum: each query's gradient is its own MSE's
                 optimizer.step(rows[~done])
         if optimizer is not None:
             optimizer.zero_grad()
