@@ -172,7 +172,8 @@ def test_memory_probe_sees_what_a_call_allocates():
 
     device = torch.device("cpu")
     if not memory.reset_peak(device):
-        pytest.skip("this kernel does not let a process reset its peak resident set (/proc/self/clear_refs)")
+        pytest.skip("this kernel does not let a process reset its peak resident set (/proc/self/clear_refs); "
+                    "test_a_peak_reset_that_does_not_take_is_not_a_window covers the refusal")
     state = torch.random.get_rng_state()
 
     def hold():
@@ -183,6 +184,37 @@ def test_memory_probe_sees_what_a_call_allocates():
     assert used is not None and used >= 60, used
     assert torch.equal(torch.random.get_rng_state(), state)
     assert memory.queries_that_fit(50.0, 125.0, 0.8) == 2 and memory.queries_that_fit(500.0, 125.0, 0.8) == 1
+
+
+def test_a_peak_reset_that_does_not_take_is_not_a_window(monkeypatch, tmp_path):
+    """Kernels or sandboxes that accept the write to clear_refs but keep the old VmHWM, or whose
+    VmHWM does not follow allocations: reset_peak reports False and measure_mb gives None (the
+    memory probe then warns instead of guessing from a wrong figure)."""
+    from disc_pl.cf import memory
+
+    status = tmp_path / "status"
+    real_path = memory.Path
+
+    def fake_path(p):
+        if p == "/proc/self/clear_refs":
+            return tmp_path / "clear_refs"  # the write succeeds
+        return status if p == "/proc/self/status" else real_path(p)
+
+    def proc(hwm_kb, rss_kb):
+        status.write_text(f"Name:\tpython\nVmHWM:\t {hwm_kb} kB\nVmRSS:\t {rss_kb} kB\n")
+
+    monkeypatch.setattr(memory, "Path", fake_path)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(memory, "_cpu_window", None)
+    proc(900000, 300000)  # the old peak stays
+    assert memory.reset_peak(cpu) is False and memory.measure_mb(lambda: None, cpu) is None
+    monkeypatch.setattr(memory, "_cpu_window", None)
+    proc(300512, 300000)  # the reset takes, but the peak never moves (the calibration block unseen)
+    assert memory.reset_peak(cpu) is False
+    monkeypatch.setattr(memory, "_cpu_window", True)  # a working window
+    assert memory.reset_peak(cpu) is True
+    proc(900000, 300000)
+    assert memory.reset_peak(cpu) is False  # ... and every reset is still checked
 
 
 @pytest.mark.slow

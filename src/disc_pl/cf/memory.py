@@ -16,27 +16,63 @@ from typing import Callable
 import torch
 
 
-def _proc_mb(path: str, field: str) -> float | None:
+def _proc_fields(path: str, fields: tuple[str, ...]) -> dict[str, float]:
+    """The named ``kB`` fields of a ``/proc`` file, in MB (missing ones left out)."""
+    out: dict[str, float] = {}
     try:
         for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
+            name, _, rest = line.partition(":")
+            if name in fields:
+                out[name] = int(rest.split()[0]) / 1024  # kB
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    return out
+
+
+def _proc_mb(path: str, field: str) -> float | None:
+    return _proc_fields(path, (field,)).get(field)
+
+
+_RESET_SLACK_MB = 2.0  # what the process may touch between the reset and reading it back
+_CALIBRATION_MB = 48  # above glibc's largest mmap threshold (32 MB): always fresh, resident pages
+_cpu_window: bool | None = None  # whether this process's VmHWM window works (checked once)
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+    except OSError:
+        return False
+    # Some kernels and sandboxes accept the write but keep the old peak: then the window is not
+    # new, and a measurement inside it would see only what rises above the old peak.
+    status = _proc_fields("/proc/self/status", ("VmHWM", "VmRSS"))  # one read: one moment
+    hwm, rss = status.get("VmHWM"), status.get("VmRSS")
+    return hwm is not None and rss is not None and hwm - rss <= _RESET_SLACK_MB
+
+
+def _cpu_window_works() -> bool:
+    """Once per process: reset the peak, touch a known allocation, and check the peak saw it
+    (a sandbox may emulate the files without tracking the peak)."""
+    global _cpu_window
+    if _cpu_window is None:
+        ok = _reset_cpu_peak()
+        if ok:
+            before = _proc_mb("/proc/self/status", "VmRSS") or 0.0
+            block = torch.ones(_CALIBRATION_MB * 2**18)  # float32: 4 bytes each, every page written
+            del block
+            ok = (_proc_mb("/proc/self/status", "VmHWM") or 0.0) - before >= 0.9 * _CALIBRATION_MB
+        _cpu_window = ok
+    return _cpu_window
 
 
 def reset_peak(device: torch.device) -> bool:
-    """Start a new peak-memory window; False where the CPU peak cannot be reset (then
-    ``peak_mb`` is the process's peak so far)."""
+    """Start a new peak-memory window; False where the CPU peak cannot be reset, the reset does
+    not take, or the peak does not follow allocations (then ``peak_mb`` is the process's peak so
+    far, and ``measure_mb`` returns None)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
-        return True
-    except OSError:
-        return False
+    return _cpu_window_works() and _reset_cpu_peak()
 
 
 def current_mb(device: torch.device) -> float:

@@ -178,6 +178,11 @@ class InversionModule(pl.LightningModule):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if used is None:
+            if self.max_queries != 1:
+                log.warning("query.memory_fraction=%s: %s cannot window its peak memory here (on a CPU it needs a "
+                            "Linux kernel that resets VmHWM through /proc/self/clear_refs), so the batch size is not "
+                            "checked; set query.batch_size to what fits, or query.memory_fraction=null to silence "
+                            "this", self.memory_fraction, device)
             return
         self.memory_per_query_mb = used / k
         fit = queries_that_fit(self.memory_per_query_mb, free, float(self.memory_fraction))
