@@ -256,3 +256,62 @@ def test_bad_coarse_to_fine_scales_fail_early():
         InversionOptions(stages=[Stage(["all"], size=2)])
     with pytest.raises(ValueError, match="recon_sizes"):
         InversionOptions(recon_sizes=())
+
+
+class _BarReader(torch.nn.Module):
+    """Class 1 when the 6 x 6 patch at rows 13-18, columns 16-21 is bright: logit 40 (patch
+    mean - 0.5). The queries have a bright bar just left of it (columns 12-15, soft edge), so moving the
+    bar 2-4 px right flips the class; adding new bright pixels would too."""
+
+    def forward_features(self, x):
+        s = 40.0 * (x[:, :, 13:19, 16:22].mean((1, 2, 3)) - 0.5)
+        return torch.stack([torch.zeros_like(s), s], 1), [x]
+
+    def forward(self, x):
+        return self.forward_features(x)[0]
+
+
+def test_warp_counterfactual_moves_the_querys_own_pixels(float64):
+    """prior=warp flips the class by moving the bar: every pixel of x' is a convex combination
+    of the query's pixels (within the query's per-channel range), and bar-bright pixels now lie
+    in the patch."""
+    x = torch.full((2, 3, 32, 32), 0.2)
+    x[:, :, 10:22, 12:16] = 0.9
+    x[:, :, 10:22, 16], x[:, :, 10:22, 17] = 0.6, 0.35  # a soft edge (an exact step has no gradient)
+    x[1, 1] += 0.05  # a second, different query
+    t = torch.ones(2, dtype=torch.long)
+    opts = InversionOptions(space="iso", lambda_sem=1.0, lr=0.05, recon_steps=0, target_margin=0.2,
+                            stages=[Stage(["flow"], 150, 3)])
+    out = generate_counterfactuals(_BarReader(), x, t, prior="warp", prior_hparams={"grid": 8}, options=opts,
+                                   seeds=[0, 1])
+    assert out.status == ["flipped", "flipped"]
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    assert bool(((out.images >= lo - 1e-9) & (out.images <= hi + 1e-9)).all())
+    assert (out.images[:, :, 13:19, 16:22].amax((1, 2, 3)) > 0.75).all()  # the bar's pixels moved in
+
+
+def test_target_confidence_goes_on_past_the_flip_and_still_counts_the_flip_at_the_margin(float64):
+    """With target_confidence the search continues past target_margin: each query returns an
+    image whose margin reaches the confidence (more confident than the plain run's); with too few
+    steps to reach it, the query still counts as flipped at target_margin, with its most
+    confident image."""
+    model = PatchReader()
+    x, t = analytic.patch_queries(3)
+
+    def margin(images):
+        p = torch.softmax(model(images), 1)
+        return p[:, 1] - p[:, 0]
+
+    plain = generate_counterfactuals(model, x, t, prior="tv", options=_analytic_opts("tv", False), seeds=[1, 2, 3])
+    sure = generate_counterfactuals(model, x, t, prior="tv", options=_analytic_opts("tv", False, target_confidence=0.9),
+                                    seeds=[1, 2, 3])
+    assert plain.status == sure.status == ["flipped"] * 3
+    assert (margin(sure.images) >= 0.9).all() and (margin(plain.images) < 0.9).all()
+    assert (sure.steps > plain.steps).all()
+    short = _analytic_opts("tv", False, target_confidence=0.9999, stages=[Stage(["pixels"], 40, 3)])
+    cut = generate_counterfactuals(model, x, t, prior="tv", options=short, seeds=[1, 2, 3])
+    m = margin(cut.images)
+    assert cut.status == ["flipped"] * 3 and ((m >= 0.2) & (m < 0.9999)).all()
+    assert (cut.steps == 40).all()  # never reached the goal: ran every step
+    with pytest.raises(ValueError, match="target_confidence"):
+        _analytic_opts("tv", False, target_confidence=0.1)  # below target_margin=0.2

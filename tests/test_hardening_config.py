@@ -58,6 +58,8 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["prior.lr=0"], "prior.lr", "0", "must be a number > 0"),
     (["prior.lr=-1e-3"], "prior.lr", "-0.001", "must be a number > 0"),
     (["inversion.target_margin=1.5"], "inversion.target_margin", "1.5", "< 1"),
+    (["inversion.target_confidence=0.1"], "inversion.target_confidence", "0.1", "must be >= inversion.target_margin"),
+    (["inversion.target_confidence=1.0"], "inversion.target_confidence", "1.0", "must be null or a number in [0, 1)"),
     (["query.source=smiling", "query.target=smiling"], "query.target", "'smiling'",
      "must differ from query.source='smiling'"),
     (["seed=-1"], "seed", "-1", "must be an integer in 0..4294967295"),

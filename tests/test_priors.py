@@ -1,4 +1,4 @@
-"""Behavioural tests of the per-query image priors (tv / dip / inr) and RowAdam."""
+"""Behavioural tests of the per-query image priors (tv / dip / inr / warp) and RowAdam."""
 from pathlib import Path
 
 import pytest
@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from disc_pl.cf.optim import RowAdam
-from disc_pl.cf.priors import DIPPrior, INRPrior, TVPrior, build_prior
+from disc_pl.cf.priors import DIPPrior, INRPrior, TVPrior, WarpPrior, build_prior
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "prior"
 
@@ -16,8 +16,9 @@ TINY = {
     "tv": {},
     "dip": dict(scales=2, channels=8, skip_channels=4, input_channels=8),
     "inr": dict(n_frequencies=32, hidden=64, depth=2, sigma=3.0),
+    "warp": dict(grid=4),
 }
-FIT = {"tv": (1, None), "dip": (150, 0.02), "inr": (60, 2e-3)}  # (steps, lr) to reach 30 dB
+FIT = {"tv": (1, None), "dip": (150, 0.02), "inr": (60, 2e-3), "warp": (1, None)}  # (steps, lr) to reach 30 dB
 
 
 # Tiny kernels on a shared, oversubscribed CPU: intra-op threads only add sync waits
@@ -50,7 +51,7 @@ def test_fits_structured_image(name):
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
 
 
-@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+@pytest.mark.parametrize("name", ["tv", "dip", "inr", "warp"])
 def test_batched_reconstruction_equals_single(name):
     images, seeds = structured(3), [7, 3, 11]
     steps = 25
@@ -72,7 +73,7 @@ def test_seed_determines_initialisation():
     assert (a[0] - a[1]).abs().max() > 1e-3  # different seeds -> different generators
 
 
-@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+@pytest.mark.parametrize("name", ["tv", "dip", "inr", "warp"])
 def test_rows_match_full_output(name):
     prior = build_prior(name, structured(4), [0, 1, 2, 3], **TINY[name])
     idx = torch.tensor([2, 0])
@@ -186,7 +187,7 @@ def test_unknown_group_lists_groups():
         build_prior("gan", structured(1), [0])
 
 
-@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+@pytest.mark.parametrize("name", ["tv", "dip", "inr", "warp"])
 def test_gradients_reach_every_trainable_parameter(name):
     images = structured(2)
     prior = build_prior(name, images, [0, 1], **TINY[name])
@@ -198,7 +199,7 @@ def test_gradients_reach_every_trainable_parameter(name):
         assert p.grad[0].abs().sum() == 0  # row 0 was not in the batch
 
 
-@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+@pytest.mark.parametrize("name", ["tv", "dip", "inr", "warp"])
 def test_grayscale(name):
     images = structured(2, channels=1)
     prior = build_prior(name, images, [0, 1], **TINY[name])
@@ -229,7 +230,7 @@ def test_tv_regulariser_and_clamp():
     assert prior()[0, 0, 0, 0] < 0.9
 
 
-@pytest.mark.parametrize("name", ["tv", "dip", "inr"])
+@pytest.mark.parametrize("name", ["tv", "dip", "inr", "warp"])
 def test_configs_build(name):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     assert cfg.name == name and {"max_steps", "psnr_target", "lr"} <= set(cfg.recon) <= {
@@ -240,7 +241,7 @@ def test_configs_build(name):
     assert stages == prior.default_stages
     for stage in stages:
         prior.set_trainable(stage)  # every name is a group of this prior
-    assert isinstance(prior, {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior}[name])
+    assert isinstance(prior, {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior, "warp": WarpPrior}[name])
 
 
 def test_run_config_prior_is_one_factory_built_from_the_command_line():
@@ -353,3 +354,55 @@ def test_a_prior_checks_its_own_schedule_and_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
         DIPPrior(torch.rand(1, 1, 24, 24), [0], scales=5, channels=4)
     assert err.value.key == "prior.hparams.scales" and "1 <= scales <= 3" in str(err.value)
+
+
+def test_warp_starts_at_the_query_and_a_constant_field_translates_it():
+    """d = 0 renders the query exactly; a constant d = (2, -1) px renders x(p + d): the query
+    moved 2 px left and 1 px down, the border repeated."""
+    images = structured(2)
+    prior = WarpPrior(images, [0, 1], grid=4)
+    assert torch.equal(prior(), images)
+    with torch.no_grad():
+        prior.flow[:, 0], prior.flow[:, 1] = 2.0, -1.0
+    out = prior()
+    torch.testing.assert_close(out[..., 1:, :-2], images[..., :-1, 2:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[..., 0, :-2], images[..., 0, 2:], atol=1e-5, rtol=0)  # border row
+    constant = prior.flow.new_tensor([2.0, -1.0]).view(1, 2, 1, 1).expand(2, 2, 16, 16)
+    torch.testing.assert_close(prior.displacement(), constant)
+
+
+def test_warp_fits_a_deformation_of_its_query():
+    """The prior fits a smoothly deformed copy of the query (a bend of 1.5 px) by its field
+    alone: the MSE falls by more than 10x."""
+    images = structured(1)
+    bent = WarpPrior(images, [0], grid=4)
+    with torch.no_grad():
+        bent.flow[0, 1] = 1.5 * torch.linspace(-1, 1, 4).square().view(1, 4)  # dy: a parabola in x
+        target = bent()
+    prior = WarpPrior(images, [0], grid=4, alpha_smooth=0.0)
+    opt = RowAdam(prior.parameter_groups(["all"]), lr=0.05)
+    start = (prior() - target).square().mean().item()
+    for _ in range(200):
+        opt.zero_grad()
+        loss = (prior() - target).square().mean()
+        loss.backward()
+        opt.step()
+    assert loss.item() < start / 10, (start, loss.item())
+
+
+def test_warp_regulariser_max_shift_and_bad_arguments():
+    x = torch.rand(1, 1, 8, 8)
+    prior = WarpPrior(x, [0], grid=2, alpha_smooth=0.5, alpha_mag=0.1, alpha_l1=0.2)
+    with torch.no_grad():
+        prior.flow[0, 0] = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # dx: 1 px jump between columns
+    # smooth: dy-direction differences 0 (2 of them per channel) and dx-direction 1, 1 (of 4
+    # entries over both channels: mean 0.5); magnitude: mean of d^2 = 2 / 8, of |d| = 2 / 8
+    expected = 0.5 * (0.0 + 0.5) + 0.1 * (2 / 8) + 0.2 * (2 / 8)
+    torch.testing.assert_close(prior.regularizer(x), torch.tensor([expected]))
+    bounded = WarpPrior(x, [0], grid=2, max_shift=1.5)
+    with torch.no_grad():
+        bounded.flow.fill_(100.0)
+    assert bounded.displacement().max() <= 1.5 + 1e-5  # the control points are bounded (round-off)
+    for bad in (dict(grid=1), dict(grid=2.5), dict(alpha_smooth=-1), dict(alpha_l1=-1), dict(max_shift=0)):
+        with pytest.raises(ValueError):
+            WarpPrior(x, [0], **bad)

@@ -55,6 +55,7 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
         **prior_schedule(cfg.prior, inv.steps_per_stage, inv.min_steps),  # lr, stages, recon: the prior's
         space=space, lambda_sem=space.lambda_sem, lambda_mc=manifold.lambda_mc, gate=gate,
         lambda_fc=float(inv.lambda_fc), relax=float(inv.relax), target_margin=float(inv.target_margin),
+        target_confidence=None if inv.get("target_confidence") is None else float(inv.target_confidence),
         log_every=int(inv.log_every), eot_views=int(inv.get("eot_views", 0)),
         eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)),
         precision=str(inv.get("precision", "32")))

@@ -39,9 +39,9 @@ from disc_pl.errors import UsageError
 from disc_pl.figures import save_method_grid, save_scatter
 from disc_pl.report_html import write_html
 
-PRIOR_NAMES = {"tv": "TV+L2", "dip": "DIP", "inr": "INR"}
+PRIOR_NAMES = {"tv": "TV+L2", "dip": "DIP", "inr": "INR", "warp": "Warp"}
 # Sort order of the table rows: the paper's (ISO before LSO, weak prior first, DEP last).
-ORDER = {"space": ["iso", "lso"], "prior": ["tv", "dip", "inr"], "manifold": ["none", "duq", "dep"]}
+ORDER = {"space": ["iso", "lso"], "prior": ["tv", "dip", "inr", "warp"], "manifold": ["none", "duq", "dep"]}
 NAMED_KEYS = {"prior", "manifold", "space", "seed", "query.corruption.name", "query.corruption.severity"}
 QUERY_FIGURES = ("mse", "concentration", "in_mask", "cout", "gt_recovery")
 COLUMNS = [  # (header, key in the method's stats)

@@ -329,6 +329,14 @@ def _check_inversion(ch: _Checks) -> None:
     ch.number("inversion.lambda_fc", 0, low_open=True)
     ch.number("inversion.relax", 0, 1, low_open=True)
     ch.number("inversion.target_margin", 0, 1, high_open=True)
+    confidence, margin = ch.get("inversion.target_confidence"), ch.get("inversion.target_margin")
+    if confidence not in (ABSENT, MISSING, None):
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence < 1:
+            ch.add("inversion.target_confidence", confidence, "must be null or a number in [0, 1): the margin "
+                   "p_target - max p_other a query optimises towards")
+        elif isinstance(margin, (int, float)) and confidence < margin:
+            ch.add("inversion.target_confidence", confidence, f"must be >= inversion.target_margin={margin} "
+                   "(the margin that counts as flipped), or null")
     ch.integer("inversion.steps_per_stage", 1)
     ch.integer("inversion.min_steps", 0)
     ch.integer("inversion.log_every", 0)

@@ -478,11 +478,87 @@ class INRPrior(_NetPrior):
             self.clear_cache()
 
 
-PRIORS: dict[str, type[Prior]] = {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior}
+class WarpPrior(Prior):
+    """The counterfactual as a smooth deformation of the query: x'(p) = x(p + d(p)), sampled
+    bilinearly (border padding), with the displacement d a per-query field of ``grid`` x
+    ``grid`` control points (pixels), enlarged bicubically to the image. The change can only
+    move the query's own pixels: it brings no colour or texture the query does not have, so an
+    edit of shape (a mouth's curvature, a sleeve's length, a lesion's border) is drawn with
+    the query's own strokes instead of as new high-frequency texture.
+
+    Regulariser per query: ``alpha_smooth`` x the mean squared difference of neighbouring
+    control points, ``alpha_mag`` x their mean squared displacement (both in pixels^2, so
+    independent of the image size for a given displacement in pixels) and ``alpha_l1`` x their
+    mean absolute displacement (pixels; a sparse, hence local, deformation). The field starts at
+    zero, where x' = x exactly; it is continuous, but rendered at full size only."""
+
+    groups = ("flow",)
+    default_recon_lr = 0.01  # unused: the field starts at the identity
+
+    def __init__(self, images: Tensor, seeds: Sequence[int], grid: int = 16, alpha_smooth: float = 0.01,
+                 alpha_mag: float = 0.0, alpha_l1: float = 0.0, max_shift: float | None = None) -> None:
+        super().__init__(images, seeds)
+        if not (is_integer(grid) and 2 <= int(grid)):
+            raise ValueError(f"grid must be an integer >= 2 (control points per side), got {grid!r}")
+        if not (alpha_smooth >= 0 and alpha_mag >= 0 and alpha_l1 >= 0):
+            raise ValueError(f"alpha_smooth, alpha_mag and alpha_l1 must be >= 0, got {alpha_smooth!r}, "
+                             f"{alpha_mag!r}, {alpha_l1!r}")
+        if max_shift is not None and not max_shift > 0:
+            raise ValueError(f"max_shift must be > 0 pixels or null, got {max_shift!r}")
+        self.grid, self.alpha_smooth, self.alpha_mag = int(grid), float(alpha_smooth), float(alpha_mag)
+        self.alpha_l1 = float(alpha_l1)
+        self.max_shift = None if max_shift is None else float(max_shift)
+        b, _, h, w = images.shape
+        self.flow = nn.Parameter(images.new_zeros(b, 2, self.grid, self.grid))  # (dx, dy) in pixels
+        ys = (torch.arange(h, dtype=images.dtype, device=images.device) + 0.5) * 2 / h - 1
+        xs = (torch.arange(w, dtype=images.dtype, device=images.device) + 0.5) * 2 / w - 1
+        base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [H, W, 2]: (x, y) pixel centres
+        self.register_buffer("base_grid", base, persistent=False)
+        self.register_buffer("to_unit", torch.tensor([2.0 / w, 2.0 / h], dtype=images.dtype,
+                                                      device=images.device), persistent=False)
+        self.set_trainable(["all"])
+
+    @property
+    def default_stages(self) -> list[list[str]]:
+        return [["flow"], ["flow"], ["flow"]]  # as many semantic relaxations as the network priors
+
+    def _field(self, idx: Tensor | None) -> Tensor:
+        flow = self.flow if idx is None else self.flow[idx]
+        if self.max_shift is not None:
+            flow = self.max_shift * torch.tanh(flow / self.max_shift)
+        return flow
+
+    def displacement(self, idx: Tensor | None = None) -> Tensor:
+        """The full-size displacement field [b, 2, H, W] in pixels (dx, dy)."""
+        return torch.nn.functional.interpolate(self._field(idx), size=self.full_size, mode="bicubic",
+                                               align_corners=True)
+
+    def _input(self, idx: Tensor | None, perturb: bool) -> State:
+        return ()
+
+    def _run_group(self, name: str, state: State, idx: Tensor | None) -> State:
+        images = self.images if idx is None else self.images[idx]
+        d = self.displacement(idx).permute(0, 2, 3, 1).to(images.dtype)  # [b, H, W, 2]
+        grid = self.base_grid + d * self.to_unit
+        return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                                               align_corners=False)
+
+    def _group_parameters(self, name: str) -> list[Tensor]:
+        return [self.flow]
+
+    def regularizer(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
+        f = self._field(idx)
+        smooth = ((f[:, :, 1:, :] - f[:, :, :-1, :]).square().flatten(1).mean(1)
+                  + (f[:, :, :, 1:] - f[:, :, :, :-1]).square().flatten(1).mean(1))
+        return (self.alpha_smooth * smooth + self.alpha_mag * f.square().flatten(1).mean(1)
+                + self.alpha_l1 * f.abs().flatten(1).mean(1))
+
+
+PRIORS: dict[str, type[Prior]] = {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior, "warp": WarpPrior}
 
 
 def build_prior(name: str, images: Tensor, seeds: Sequence[int], **hparams) -> Prior:
-    """The prior ``name`` (tv | dip | inr) for query images [B, C, H, W] in [0, 1]."""
+    """The prior ``name`` (tv | dip | inr | warp) for query images [B, C, H, W] in [0, 1]."""
     if name not in PRIORS:
         raise ValueError(f"unknown prior {name!r}; choose one of {sorted(PRIORS)}")
     return PRIORS[name](images, seeds, **hparams)
