@@ -155,7 +155,7 @@ def test_help_lists_every_config_group_and_option():
     for command in ("run", "train", "evaluate", "report", "bench"):
         assert f"  {command} " in text
     groups = cli.config_groups()
-    assert groups["prior"] == ["dip", "inr", "tv"]
+    assert groups["prior"] == ["dip", "inr", "tv", "warp"]
     assert {"celeba", "folder", "synthetic_faces"} <= set(groups["dataset"])
     assert groups["dataset"] == sorted(groups["dataset"])
     for group, options in groups.items():
