@@ -217,6 +217,58 @@ def test_a_peak_reset_that_does_not_take_is_not_a_window(monkeypatch, tmp_path):
     assert memory.reset_peak(cpu) is False  # ... and every reset is still checked
 
 
+_HEAP_SCRIPT = """
+import json, resource, torch
+from disc_pl.cf import memory
+
+def faults_of_reuse():  # minor page faults of 3 allocate-touch-free cycles of 64 MB, after a first
+    x = torch.ones(16 * 2**20); del x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        x = torch.ones(16 * 2**20); del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+plain = faults_of_reuse()
+with memory.retained_heap("system") as system_kept:
+    system = faults_of_reuse()
+with memory.retained_heap("retain") as kept:
+    with memory.retained_heap("retain") as inner:  # a job inside a job
+        pass
+    retained = faults_of_reuse()  # after the inner block ended: still kept
+    window = memory.reset_peak(torch.device("cpu"))
+    probe = memory.measure_mb(lambda: float(torch.rand(16 * 2**20).sum()), torch.device("cpu"))
+after = faults_of_reuse()
+print(json.dumps(dict(plain=plain, system=system, system_kept=system_kept, kept=kept, inner=inner,
+                      retained=retained, window=window, probe=probe, after=after)))
+"""
+
+
+def test_retained_heap_reuses_freed_memory_and_restores_the_defaults():
+    """cpu_allocator=retain (disc_pl.cf.memory.retained_heap): glibc keeps a freed 64 MB tensor's
+    memory, so allocating it again costs no page faults; nested blocks keep the tuning until the
+    outermost ends; afterwards every cycle faults again (the defaults are back); the memory
+    probe still sees a new allocation inside the block (the kept memory is released first).
+    In a subprocess: the tuning is process-wide."""
+    from disc_pl.cf import memory
+
+    if memory._glibc() is None:
+        pytest.skip("the C library is not glibc: retained_heap leaves the allocator alone")
+    proc = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env={**subprocess_env(), "LD_PRELOAD": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if r["plain"] < 3 * 1000:
+        pytest.skip(f"this kernel maps 64 MB with few page faults ({r['plain']}; huge pages): nothing to compare")
+    assert r["kept"] is True and r["inner"] is True and r["system_kept"] is False
+    assert r["retained"] < r["plain"] / 10, r  # reused without touching the kernel
+    assert r["system"] > r["plain"] / 2 and r["after"] > r["plain"] / 2, r  # defaults: fresh pages each time
+    if r["window"]:
+        assert r["probe"] is not None and r["probe"] >= 60, r
+    with pytest.raises(ValueError, match="cpu_allocator='tcmalloc' is not one of retain, system"):
+        with memory.retained_heap("tcmalloc"):
+            pass
+
+
 @pytest.mark.slow
 def test_out_of_memory_with_one_query_says_what_to_change(tmp_path, toy_cfg, monkeypatch):
     overrides, _ = toy_cfg

@@ -330,7 +330,8 @@ def markdown(r: dict) -> str:
              + ", ".join(f"{k}={v}" for k, v in r["method"].items())
              + (f" (overrides: {' '.join(r['overrides'])})" if r["overrides"] else "")
              + f"; {r['recon_steps']} reconstruction steps, {r['stage_steps']} steps per stage, "
-             f"no early stopping. Precision: {r['precision_note']}.", ""]
+             f"no early stopping. Precision: {r['precision_note']}. "
+             f"C allocator: {r.get('cpu_allocator', 'system')}.", ""]
     bs = r["batched_vs_sequential"]
     lines += ["## Batched vs sequential", "",
               f"{bs['queries']} {bs['prior']} queries of {r['image_size']}x{r['image_size']} px: batched "
@@ -402,6 +403,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
                    "localize": str(next(iter(bench.configs.values())).localize.name)},
         "overrides": list(args.overrides),
         "precision": bench.precision,
+        "cpu_allocator": getattr(args, "allocator_note", "system"),
         "precision_note": (f"inversion.precision={bench.precision}"
                            + (" (bf16 autocast)" if bench.precision == "bf16-mixed" else "")
                            + (" (fp16 autocast)" if bench.precision == "16-mixed" else "")
@@ -438,8 +440,18 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
     return report, out_dir
 
 
+def _allocator_mode(overrides: Sequence[str]) -> str:
+    """``cpu_allocator`` from the run-config overrides (the run config's default: retain)."""
+    modes = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("cpu_allocator=")]
+    return memory.check_allocator_mode(modes[-1] if modes else "retain")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    report, out_dir = run_bench(parse_args(argv))
+    args = parse_args(argv)
+    mode = _allocator_mode(args.overrides)
+    with memory.retained_heap(mode) as kept:  # as in a job (disc_pl.tracking.tracked_job)
+        args.allocator_note = f"cpu_allocator={mode}" + ("" if kept or mode == "system" else " (not active here)")
+        report, out_dir = run_bench(args)
     print(markdown(report))
     print(f"bench written to {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
     return report

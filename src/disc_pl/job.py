@@ -135,7 +135,7 @@ def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[l
 # Keys that do not change a query's result: which queries and how many (a rerun may add some),
 # how they are batched and placed, where things are written, what is logged.
 UNSTAMPED = ("query.count", "query.indices", "query.batch_size", "query.num_workers", "dataset.num_workers", "cache_dir",
-             "threads_per_job", "experiment_name", "logger", "output", "evaluate", "cd", "hydra")
+             "threads_per_job", "cpu_allocator", "experiment_name", "logger", "output", "evaluate", "cd", "hydra")
 
 
 def result_config(cfg: DictConfig) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import contextlib
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from disc_pl.cf import memory
 from disc_pl.utils import configure_matmul_precision, to_plain
 
 log = logging.getLogger(__name__)
@@ -78,9 +80,13 @@ def finish_wandb(exit_code: int = 0) -> None:
 @contextmanager
 def tracked_job(cfg: DictConfig) -> Iterator[None]:
     """Wrap one job: thread limit, numeric precision (TF32 on GPUs, set once here for the whole
-    job, cache-warm or not), sweep index in the log, ``wandb.finish()`` whatever happens."""
+    job, cache-warm or not), the C allocator's reuse of freed memory (``cpu_allocator``), sweep
+    index in the log, ``wandb.finish()`` whatever happens."""
     configure_matmul_precision()
     threads, previous = job_threads(cfg), torch.get_num_threads()
+    allocator = contextlib.ExitStack()
+    heap = allocator.enter_context(memory.retained_heap(cfg.get("cpu_allocator", "retain")))
+    log.debug("cpu_allocator=%s (glibc keeps freed memory: %s)", cfg.get("cpu_allocator", "retain"), heap)
     if threads is not None:
         torch.set_num_threads(threads)
     hydra_cfg = _hydra()
@@ -102,6 +108,7 @@ def tracked_job(cfg: DictConfig) -> Iterator[None]:
     finally:
         finish_wandb(exit_code=1 if failed else 0)
         torch.set_num_threads(previous)  # the next job of a sequential sweep decides its own
+        allocator.close()  # glibc's defaults again; the kept memory goes back to the system
 
 
 def build_logger(logger_cfg: DictConfig | None, out_dir: str | Path, default_group: str | None = None) -> Any:

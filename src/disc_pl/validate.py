@@ -223,6 +223,7 @@ def _check_target_keys(ch: _Checks, key: str, extra: Iterable[str] = ()) -> None
 def _check_top_level(ch: _Checks) -> None:
     ch.integer("seed", 0, 2**32 - 1)  # Lightning silently replaces seeds outside this range
     ch.integer("threads_per_job", 1, nullable=True)
+    ch.choice("cpu_allocator", ["retain", "system"])
 
 
 def _check_dataset(ch: _Checks) -> None:
