@@ -18,6 +18,10 @@ from hydra import compose, initialize_config_dir
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+# inversion.precision=auto would run bf16 on some CPUs: the suite's verdicts must not depend on
+# the machine, so every run it composes or starts (subprocesses inherit this) is float32; the
+# bf16 and auto paths have their own tests (test_precision.py).
+os.environ.setdefault("DISC_PL_PRECISION", "32")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TEST_SEED = int(os.environ.get("DISC_PL_TEST_SEED", "0"))

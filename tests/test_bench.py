@@ -10,7 +10,7 @@ import torch
 from disc_pl import bench
 from disc_pl.nets.siren import _SineAffine
 
-PRIORS = {"tv", "dip", "inr"}
+PRIORS = {"tv", "dip", "inr", "warp"}
 
 
 @pytest.mark.slow
@@ -58,6 +58,37 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     assert set(saved["targets_met"]) == {"batched_over_sequential", "flops_fraction_of_matmul",
                                          "batched_over_sequential_cpu", "flops_fraction_of_matmul_cpu"}
     assert seq["ratio_cpu"] > 0 and all(f["fraction_of_matmul_cpu"] > 0 for f in flops.values())
+
+
+@pytest.mark.slow
+def test_end_to_end_times_a_cached_run_of_the_cli(tmp_path, toy_overrides):
+    """bench.end_to_end: two ``disc_pl.run`` child processes (the first fills the model cache),
+    the second timed; its figures come from that run's results.csv."""
+    overrides = [o for o in toy_overrides if not o.startswith(("query.count=", "cache_dir="))]
+    cache = next(o.split("=", 1)[1] for o in toy_overrides if o.startswith("cache_dir="))
+    e = bench.end_to_end(3, 32, overrides, tmp_path, threads=1, cache_dir=cache)
+    assert e["queries"] == 3 and e["image_size"] == 32 and "prior.hparams.sigma" not in e["command"]
+    assert e["seconds"] > 0 and e["seconds_per_cf"] == pytest.approx(e["seconds"] / 3)
+    # the engine's share is part of the command's time (the rest: start-up, loading, writing)
+    assert 0 < e["engine_seconds_per_cf"] < e["seconds_per_cf"]
+    assert e["precision"] in ("32", "bf16-mixed") and 0 <= e["flip_rate"] <= 1
+    assert (tmp_path / "e2e_timed" / "results.csv").is_file() and (tmp_path / "e2e_first" / "results.csv").is_file()
+    md = bench.markdown({**_minimal_report(), "end_to_end": e})
+    assert "s per counterfactual** end to end" in md
+    with pytest.raises(RuntimeError, match="end-to-end run failed"):
+        bench.end_to_end(1, 32, [*overrides, "query.count=abc"], tmp_path / "bad", threads=1, cache_dir=cache)
+
+
+def _minimal_report() -> dict:
+    """The fields bench.markdown reads, with placeholder values (layout checks only)."""
+    return {"device_name": "cpu", "threads": 1, "time": "t", "load_average_start": 0.0, "load_average_end": 0.0,
+            "seconds": 1.0, "env": {"OMP_WAIT_POLICY": None}, "classifier": "c", "method": {}, "overrides": [],
+            "recon_steps": 1, "stage_steps": 1, "precision_note": "p", "image_size": 32, "sizes": [],
+            "batched_vs_sequential": {"queries": 1, "prior": "inr", "batched_s": 1.0, "sequential_s": 1.0,
+                                      "ratio": 1.0, "batched_cpu_s": 1.0, "sequential_cpu_s": 1.0,
+                                      "ratio_cpu": 1.0, "max_abs_diff": 0.0},
+            "matmul": {"n": 2, "dtype": "float32", "flops_per_s": 1.0, "flops_per_cpu_s": 1.0,
+                       "float32_flops_per_s": 1.0}, "memory_kind": "m"}
 
 
 def test_fused_sine_layer_matches_autograd():

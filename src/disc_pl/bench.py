@@ -14,6 +14,10 @@ px on CUDA; the first size also gets the batched-vs-sequential comparison):
 * **FLOP/s**: the FLOPs of one engine step (``torch.utils.flop_counter``) over its measured
   time, as a fraction of a dense 2048x2048 matmul's FLOP/s measured in the same run *in the
   precision the engine runs in* (bf16 under ``bf16-mixed``; float32 also reported);
+* **end to end** (``--e2e-queries``, default 32; 0 skips): ``python -m disc_pl.run`` at the
+  largest size (``prior.hparams.sigma=10`` from 64 px, as in the README) in a child process,
+  once to fill the model cache (training, when the cache has no such models), then timed: the
+  whole command's wall seconds per counterfactual, and the engine's share (``results.csv``);
 * **peak memory** per case and per query: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU
   the process's peak resident set (``VmHWM``, reset before each case through
   ``/proc/self/clear_refs``; where that is not possible, ``ru_maxrss``, the peak so far), minus
@@ -33,7 +37,10 @@ import argparse
 import datetime as dt
 import json
 import os
+import csv
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -52,7 +59,7 @@ from disc_pl.models.fit import build_model
 from disc_pl.models.loading import load_classifier
 from disc_pl.utils import CONF_DIR
 
-PRIORS = ("tv", "dip", "inr")
+PRIORS = ("tv", "dip", "inr", "warp")
 TARGETS = {"batched_over_sequential": 2.0, "flops_fraction_of_matmul": 0.4}  # the issue's CPU targets
 
 
@@ -71,6 +78,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-steps", type=int, default=None, help="steps per counterfactual stage (default 10)")
     p.add_argument("--sequential-queries", type=int, default=None, help="default 32")
     p.add_argument("--checkpoint", default=None, help="a trained classifier (model.ckpt) instead of a fresh one")
+    p.add_argument("--e2e-queries", type=int, default=None,
+                   help="queries of the end-to-end disc_pl.run at the largest size (default 32, --quick 0; 0: skip)")
+    p.add_argument("--cache-dir", default=None,
+                   help="model cache of the end-to-end run (default: the run config's, outputs/model_cache)")
     p.add_argument("overrides", nargs="*", help="run-config overrides, e.g. localize=none prior.hparams.hidden=256")
     args = p.parse_args(argv)
     if args.checkpoint and not Path(args.checkpoint).is_file():
@@ -188,8 +199,8 @@ def throughput(bench: Bench, prior: str, batch: int) -> dict:
     options, hparams = bench.options(prior)
     bench.generate(prior, slice(0, 1), replace(options, recon_steps=min(options.recon_steps, 1),
                                                stages=[replace(s, steps=1) for s in options.stages]), hparams)
+    windowed = memory.reset_peak(bench.device)  # first: it may hand kept memory back to the system
     before = memory.current_mb(bench.device)
-    windowed = memory.reset_peak(bench.device)
     out: list = []
     seconds, cpu = timed2(lambda: out.append(bench.generate(prior, slice(0, batch), options, hparams)),
                           bench.device, bench.run_repeats)
@@ -290,6 +301,42 @@ def flop_rate(bench: Bench, split: dict, matmul: tuple[float, float]) -> dict:
             "fraction_of_matmul_cpu": achieved_cpu / matmul[1]}
 
 
+def end_to_end(queries: int, size: int, overrides: Sequence[str], out_dir: Path, threads: int | None = None,
+               cache_dir: str | None = None, device: torch.device | None = None) -> dict:
+    """``python -m disc_pl.run`` with ``queries`` queries of ``size`` px in a child process: a
+    first run fills the model cache (it trains what the cache lacks), the second is timed (the
+    whole command, start-up included). Seconds per counterfactual: the command's wall time over
+    the queries, and the engine's own share (mean of ``results.csv`` ``seconds``)."""
+    args = [f"dataset.image_size={size}", f"query.count={queries}", "logger=none", *overrides]
+    if size >= 64 and not any(o.startswith("prior.hparams.sigma=") for o in overrides):
+        args.insert(1, "prior.hparams.sigma=10")  # the README's 96 px setting
+    if threads is not None:
+        args.append(f"threads_per_job={threads}")
+    if cache_dir is not None:
+        args.append(f"cache_dir={cache_dir}")
+    if device is not None and device.type == "cuda":
+        args.append("trainer=gpu")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    runs: list[float] = []
+    for name in ("first", "timed"):
+        run_dir = out_dir / f"e2e_{name}"
+        cmd = [sys.executable, "-m", "disc_pl.run", *args, f"hydra.run.dir={run_dir}"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        runs.append(time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise RuntimeError(f"end-to-end run failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                               f"{proc.stderr[-3000:]}")
+    with open(run_dir / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    engine = [float(r["seconds"]) for r in rows]
+    return {"command": "python -m disc_pl.run " + " ".join(args), "queries": len(rows), "image_size": size,
+            "first_run_s": runs[0], "seconds": runs[1], "seconds_per_cf": runs[1] / max(len(rows), 1),
+            "engine_seconds_per_cf": sum(engine) / max(len(engine), 1),
+            "flip_rate": sum(r.get("status") == "flipped" for r in rows) / max(len(rows), 1),
+            "precision": rows[0].get("precision") if rows else None}
+
+
 # -- report --------------------------------------------------------------------------------------
 def _size_tables(r: dict, z: dict) -> list[str]:
     size = z["image_size"]
@@ -341,6 +388,13 @@ def markdown(r: dict) -> str:
               f"{TARGETS['batched_over_sequential']}x); max |difference| {bs['max_abs_diff']:.1e}", ""]
     for z in r["sizes"]:
         lines += _size_tables(r, z)
+    e = r.get("end_to_end")
+    if e:
+        lines += [f"## End to end: `disc_pl.run` at {e['image_size']}x{e['image_size']} px, {e['queries']} queries", "",
+                  f"`{e['command']}`, models cached (the first run, {e['first_run_s']:.0f} s, filled the cache): "
+                  f"**{e['seconds_per_cf']:.2f} s per counterfactual** end to end ({e['seconds']:.0f} s, start-up "
+                  f"included), of which the engine {e['engine_seconds_per_cf']:.2f} s; precision {e['precision']}, "
+                  f"flip rate {e['flip_rate']:.2f} (one classifier: not a quality figure).", ""]
     m = r["matmul"]
     lines += [f"Reference: {m['n']}x{m['n']} {m['dtype']} matmul {m['flops_per_s'] / 1e9:.1f} GFLOP/s "
               f"({m['flops_per_cpu_s'] / 1e9:.1f} per CPU second; float32 {m['float32_flops_per_s'] / 1e9:.1f}) "
@@ -423,6 +477,10 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
     # the first size's tables at the top level (as before --sizes)
     report.update(throughput=first["throughput"], step_split=first["step_split"], flops=first["flops"])
     report["peak_memory_mb"] = memory.peak_mb(device)
+    e2e = args.e2e_queries if args.e2e_queries is not None else (0 if args.quick else 32)
+    if e2e > 0:
+        report["end_to_end"] = end_to_end(e2e, sizes[-1], args.overrides, out_dir, args.threads,
+                                          args.cache_dir, device)
     last = report["sizes"][-1]  # the largest size: where the target matters
     inr = next((f for f in last["flops"] if f["prior"] == seq_prior), last["flops"][0])
     bs = report["batched_vs_sequential"]

@@ -103,9 +103,9 @@ def measure_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     windowed). The global RNG is restored afterwards, so a probe leaves the run unchanged."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        before = current_mb(device)
-        if not reset_peak(device):
+        if not reset_peak(device):  # first: the reset may hand kept memory back (retained_heap)
             return None
+        before = current_mb(device)
         fn()
         return max(peak_mb(device) - before, 0.0)
 
