@@ -219,6 +219,7 @@ def test_a_peak_reset_that_does_not_take_is_not_a_window(monkeypatch, tmp_path):
 
 _HEAP_SCRIPT = """
 import json, resource, torch
+from disc_pl import allocator
 from disc_pl.cf import memory
 
 def faults_of_reuse():  # minor page faults of 6 allocate-touch-free cycles of 64 MB, after a first
@@ -229,10 +230,10 @@ def faults_of_reuse():  # minor page faults of 6 allocate-touch-free cycles of 6
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 plain = faults_of_reuse()
-with memory.retained_heap("system") as system_kept:
+with allocator.retained_heap("system") as system_kept:
     system = faults_of_reuse()
-with memory.retained_heap("retain") as kept:
-    with memory.retained_heap("retain") as inner:  # a job inside a job
+with allocator.retained_heap("retain") as kept:
+    with allocator.retained_heap("retain") as inner:  # a job inside a job
         pass
     retained = faults_of_reuse()  # after the inner block ended: still kept
     window = memory.reset_peak(torch.device("cpu"))
@@ -244,14 +245,14 @@ print(json.dumps(dict(plain=plain, system=system, system_kept=system_kept, kept=
 
 
 def test_retained_heap_reuses_freed_memory_and_restores_the_defaults():
-    """cpu_allocator=retain (disc_pl.cf.memory.retained_heap): glibc keeps a freed 64 MB tensor's
+    """cpu_allocator=retain (disc_pl.allocator.retained_heap): glibc keeps a freed 64 MB tensor's
     memory, so allocating it again costs no page faults; nested blocks keep the tuning until the
     outermost ends; afterwards every cycle faults again (the defaults are back); the memory
     probe still sees a new allocation inside the block (the kept memory is released first).
     In a subprocess: the tuning is process-wide."""
-    from disc_pl.cf import memory
+    from disc_pl import allocator
 
-    if memory._glibc() is None:
+    if allocator._glibc() is None:
         pytest.skip("the C library is not glibc: retained_heap leaves the allocator alone")
     proc = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT], capture_output=True, text=True, timeout=300,
                           env={**subprocess_env(), "LD_PRELOAD": ""})
@@ -267,7 +268,7 @@ def test_retained_heap_reuses_freed_memory_and_restores_the_defaults():
     if r["window"]:
         assert r["probe"] is not None and r["probe"] >= 60, r
     with pytest.raises(ValueError, match="cpu_allocator='tcmalloc' is not one of retain, system"):
-        with memory.retained_heap("tcmalloc"):
+        with allocator.retained_heap("tcmalloc"):
             pass
 
 

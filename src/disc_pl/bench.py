@@ -51,6 +51,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from disc_pl.allocator import check_allocator_mode, retained_heap
 from disc_pl.cf import memory, precision as amp
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
 from disc_pl.cf.losses import DEPManifold
@@ -501,13 +502,13 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path]:
 def _allocator_mode(overrides: Sequence[str]) -> str:
     """``cpu_allocator`` from the run-config overrides (the run config's default: retain)."""
     modes = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("cpu_allocator=")]
-    return memory.check_allocator_mode(modes[-1] if modes else "retain")
+    return check_allocator_mode(modes[-1] if modes else "retain")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     mode = _allocator_mode(args.overrides)
-    with memory.retained_heap(mode) as kept:  # as in a job (disc_pl.tracking.tracked_job)
+    with retained_heap(mode) as kept:  # as in a job (disc_pl.tracking.tracked_job)
         args.allocator_note = f"cpu_allocator={mode}" + ("" if kept or mode == "system" else " (not active here)")
         report, out_dir = run_bench(args)
     print(markdown(report))

@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from disc_pl.cf import memory
+from disc_pl.allocator import retained_heap
 from disc_pl.utils import configure_matmul_precision, to_plain
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def tracked_job(cfg: DictConfig) -> Iterator[None]:
     configure_matmul_precision()
     threads, previous = job_threads(cfg), torch.get_num_threads()
     allocator = contextlib.ExitStack()
-    heap = allocator.enter_context(memory.retained_heap(cfg.get("cpu_allocator", "retain")))
+    heap = allocator.enter_context(retained_heap(cfg.get("cpu_allocator", "retain")))
     log.debug("cpu_allocator=%s (glibc keeps freed memory: %s)", cfg.get("cpu_allocator", "retain"), heap)
     if threads is not None:
         torch.set_num_threads(threads)
