@@ -130,3 +130,51 @@ def test_sine_layer_in_bf16_rounds_the_argument_once_and_returns_float32_gradien
     for p, r in zip((layer.weight, layer.bias), ref_grads):
         assert p.grad.dtype == torch.float32
         assert torch.linalg.vector_norm(p.grad - r) < 0.05 * torch.linalg.vector_norm(r)
+
+
+def _cxx_available() -> bool:
+    import shutil
+
+    return shutil.which("g++") is not None
+
+
+@pytest.mark.skipif(not _cxx_available(), reason="torch.compile on a CPU needs a C++ compiler (g++) here")
+def test_compiled_sine_layers_equal_eager_ones_and_follow_a_shrinking_batch():
+    """prior.hparams.compile=true: the INR's sine layers through torch.compile give the eager
+    layers' output and parameter gradients (float32 round-off), also when rows are selected
+    (the batch shrinks as queries finish: dynamic shapes, no wrong reuse of a compiled graph)."""
+    from disc_pl.nets.siren import BatchedLinear
+
+    g = torch.Generator().manual_seed(1)
+    eager = BatchedLinear(4, 16, 8, weight_bound=(6.0 / 16) ** 0.5 / 30.0, omega=30.0)
+    for row in range(4):
+        eager.reset_row(row, g)
+    fused = BatchedLinear(4, 16, 8, weight_bound=eager.weight_bound, omega=30.0, compile=True)
+    fused.load_state_dict(eager.state_dict())
+    h = torch.rand(4, 50, 16, generator=g) * 2 - 1
+    for idx in (None, torch.tensor([0, 2, 3]), torch.tensor([1])):
+        hs = h if idx is None else h[idx]
+        outs = []
+        for layer in (eager, fused):
+            layer.zero_grad()
+            out = layer(hs, idx)
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            outs.append((out.detach(), layer.weight.grad.clone(), layer.bias.grad.clone()))
+        for a, b in zip(*outs):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        rows = torch.arange(4) if idx is None else idx
+        untouched = torch.ones(4, dtype=torch.bool)
+        untouched[rows] = False
+        assert torch.all(outs[1][1][untouched] == 0)  # rows not selected get no gradient
+
+
+def test_inr_compile_option_is_validated_and_reaches_every_sine_layer():
+    from disc_pl.cf.priors import INRPrior
+
+    images = torch.rand(2, 3, 8, 8)
+    prior = INRPrior(images, [0, 1], n_frequencies=4, hidden=8, depth=2, compile=True)
+    sines = [m for m in prior.net.blocks.values() if m.omega is not None]
+    assert len(sines) == 2 and all(m.compile for m in sines)
+    assert not any(m.compile for m in INRPrior(images, [0, 1], n_frequencies=4, hidden=8, depth=2).net.blocks.values())
+    with pytest.raises(ValueError, match="compile"):
+        INRPrior(images, [0, 1], n_frequencies=4, hidden=8, depth=2, compile="yes")

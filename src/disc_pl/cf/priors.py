@@ -453,11 +453,14 @@ class INRPrior(_NetPrior):
         depth: int = 3,
         omega0: float = 30.0,
         first_omega0: float = 3.0,
+        compile: bool = False,
     ) -> None:
         super().__init__(images, seeds)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} must be true or false")
         _, c, h, w = images.shape
         self._set_net(BatchedFourierSiren(
-            self.generators, h, w, c, n_frequencies, sigma, hidden, depth, omega0, first_omega0
+            self.generators, h, w, c, n_frequencies, sigma, hidden, depth, omega0, first_omega0, compile
         ))
 
     @property

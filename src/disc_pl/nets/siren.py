@@ -76,6 +76,37 @@ class _SineAffine(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None
 
 
+def _sine_affine(h: Tensor, weight: Tensor, bias: Tensor, omega: float, dtype: torch.dtype | None) -> Tensor:
+    return _SineAffine.apply(h, weight, bias, omega, dtype)
+
+
+_COMPILED: list = []  # the torch.compile'd _sine_affine, built on first use (one per process)
+
+
+def compiled_sine_affine():
+    """``_sine_affine`` through ``torch.compile`` (inductor, dynamic shapes: the batch shrinks
+    as queries finish and the grid changes between stages). Inductor fuses the elementwise
+    passes around the matmuls (omega scaling, sin, and in the backward cos * grad with the bias
+    gradient's sum). It needs a C++ compiler on a CPU (Triton on CUDA); where it cannot build,
+    the first call raises an error that says so and how to run without it."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_sine_affine, dynamic=True))
+    return _COMPILED[0]
+
+
+def _run_compiled(*args) -> Tensor:
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    try:
+        return compiled_sine_affine()(*args)
+    except (BackendCompilerFailed, InductorError) as err:
+        raise RuntimeError(f"prior.hparams.compile=true: torch.compile could not build the INR's sine layers "
+                           f"here ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                           "Install a C++ compiler (Debian: apt-get install g++; CUDA needs Triton), or set "
+                           "prior.hparams.compile=false (eager, the default)") from err
+
+
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The autocast dtype in force for ``t``'s device (None when autocast is off)."""
     kind = t.device.type
@@ -85,9 +116,10 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
 class BatchedLinear(nn.Module):
     """B independent linear maps [b, N, in] -> [b, N, out] with optional sin(omega * .)."""
 
-    def __init__(self, batch: int, cin: int, cout: int, weight_bound: float, omega: float | None) -> None:
+    def __init__(self, batch: int, cin: int, cout: int, weight_bound: float, omega: float | None,
+                 compile: bool = False) -> None:
         super().__init__()
-        self.weight_bound, self.omega = weight_bound, omega
+        self.weight_bound, self.omega, self.compile = weight_bound, omega, bool(compile)
         self.weight = nn.Parameter(torch.empty(batch, cin, cout))
         self.bias = nn.Parameter(torch.empty(batch, 1, cout))
 
@@ -100,8 +132,8 @@ class BatchedLinear(nn.Module):
 
     def forward(self, h: Tensor, idx: Tensor | None = None) -> Tensor:
         if self.omega is not None:
-            return _SineAffine.apply(h, _rows(self.weight, idx), _rows(self.bias, idx), self.omega,
-                                     _autocast_dtype(h))
+            run = _run_compiled if self.compile else _sine_affine
+            return run(h, _rows(self.weight, idx), _rows(self.bias, idx), self.omega, _autocast_dtype(h))
         return torch.baddbmm(_rows(self.bias, idx), h, _rows(self.weight, idx))  # autocast decides
 
 
@@ -125,6 +157,7 @@ class BatchedFourierSiren(nn.Module):
         depth: int,
         omega0: float,
         first_omega0: float,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -142,7 +175,7 @@ class BatchedFourierSiren(nn.Module):
         for k in range(depth):
             omega = first_omega0 if k == 0 else omega0
             bound = 1.0 / cin if k == 0 else math.sqrt(6.0 / cin) / omega0
-            blocks[f"hidden{k}"] = BatchedLinear(batch, cin, hidden, bound, omega)
+            blocks[f"hidden{k}"] = BatchedLinear(batch, cin, hidden, bound, omega, compile)
             cin = hidden
         blocks["out"] = BatchedLinear(batch, cin, out_channels, math.sqrt(6.0 / cin) / omega0, None)
         self.blocks = nn.ModuleDict(blocks)
