@@ -178,3 +178,19 @@ def test_inr_compile_option_is_validated_and_reaches_every_sine_layer():
     assert not any(m.compile for m in INRPrior(images, [0, 1], n_frequencies=4, hidden=8, depth=2).net.blocks.values())
     with pytest.raises(ValueError, match="compile"):
         INRPrior(images, [0, 1], n_frequencies=4, hidden=8, depth=2, compile="yes")
+
+
+def test_a_compile_that_cannot_build_stops_with_the_fix(monkeypatch):
+    """No working C++ compiler: the first compiled step raises one error naming the option and
+    the fix, instead of inductor's traceback (or a silent fall back to eager)."""
+    import torch._inductor.config as inductor_config
+
+    from disc_pl.nets.siren import BatchedLinear
+
+    torch._dynamo.reset()  # no graph compiled by an earlier test may be reused
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    layer = BatchedLinear(2, 4, 3, weight_bound=0.1, omega=30.0, compile=True)
+    with pytest.raises(RuntimeError, match=r"prior\.hparams\.compile=false"):
+        layer(torch.rand(2, 5, 4)).sum().backward()
+    torch._dynamo.reset()

@@ -12,6 +12,7 @@ queries are computed once (``features`` buffer ``[B, N, 2F]``) from a shared pix
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -80,27 +81,29 @@ def _sine_affine(h: Tensor, weight: Tensor, bias: Tensor, omega: float, dtype: t
     return _SineAffine.apply(h, weight, bias, omega, dtype)
 
 
-_COMPILED: list = []  # the torch.compile'd _sine_affine, built on first use (one per process)
-
-
+@functools.cache
 def compiled_sine_affine():
     """``_sine_affine`` through ``torch.compile`` (inductor, dynamic shapes: the batch shrinks
-    as queries finish and the grid changes between stages). Inductor fuses the elementwise
-    passes around the matmuls (omega scaling, sin, and in the backward cos * grad with the bias
-    gradient's sum). It needs a C++ compiler on a CPU (Triton on CUDA); where it cannot build,
-    the first call raises an error that says so and how to run without it."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_sine_affine, dynamic=True))
-    return _COMPILED[0]
+    as queries finish and the grid changes between stages), built once per process on first
+    use. Inductor fuses the elementwise passes around the matmuls (omega scaling, sin, and in
+    the backward cos * grad with the bias gradient's sum). It needs a C++ compiler on a CPU
+    (Triton on CUDA); where it cannot build, the first call raises an error that says so and
+    how to run without it."""
+    return torch.compile(_sine_affine, dynamic=True)
 
 
-def _run_compiled(*args) -> Tensor:
+@functools.cache
+def _compile_errors() -> tuple[type[Exception], ...]:
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor.exc import InductorError
 
+    return BackendCompilerFailed, InductorError
+
+
+def _run_compiled(*args) -> Tensor:
     try:
         return compiled_sine_affine()(*args)
-    except (BackendCompilerFailed, InductorError) as err:
+    except _compile_errors() as err:  # evaluated only when something was raised
         raise RuntimeError(f"prior.hparams.compile=true: torch.compile could not build the INR's sine layers "
                            f"here ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
                            "Install a C++ compiler (Debian: apt-get install g++; CUDA needs Triton), or set "
@@ -119,7 +122,7 @@ class BatchedLinear(nn.Module):
     def __init__(self, batch: int, cin: int, cout: int, weight_bound: float, omega: float | None,
                  compile: bool = False) -> None:
         super().__init__()
-        self.weight_bound, self.omega, self.compile = weight_bound, omega, bool(compile)
+        self.weight_bound, self.omega, self.compile = weight_bound, omega, compile
         self.weight = nn.Parameter(torch.empty(batch, cin, cout))
         self.bias = nn.Parameter(torch.empty(batch, 1, cout))
 
