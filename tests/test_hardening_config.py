@@ -60,6 +60,8 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["inversion.target_margin=1.5"], "inversion.target_margin", "1.5", "< 1"),
     (["inversion.target_confidence=0.1"], "inversion.target_confidence", "0.1", "must be >= inversion.target_margin"),
     (["inversion.target_confidence=1.0"], "inversion.target_confidence", "1.0", "must be null or a number in [0, 1)"),
+    (["inversion.eot_views=-1"], "inversion.eot_views", "-1", "must be an integer >= 0"),
+    (["inversion.eot_hflip=maybe"], "inversion.eot_hflip", "'maybe'", "must be true or false"),
     (["query.source=smiling", "query.target=smiling"], "query.target", "'smiling'",
      "must differ from query.source='smiling'"),
     (["seed=-1"], "seed", "-1", "must be an integer in 0..4294967295"),

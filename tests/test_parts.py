@@ -26,11 +26,13 @@ def test_each_shipped_option_builds_its_object(override, kind):
 
 def test_command_line_overrides_reach_the_objects_and_the_options():
     cfg = compose_cfg(["manifold=duq", "manifold.lambda_mc=0.3", "manifold.margin=0.2", "space.lambda_sem=2.5",
-                       "space.layers=[1,3]", "localize.grid=4", "localize.fallback=false"])
+                       "space.layers=[1,3]", "localize.grid=4", "localize.fallback=false", "localize.lambda_area=7",
+                       "inversion.target_confidence=0.99", "inversion.eot_views=2", "inversion.eot_hflip=true"])
     options, _ = inversion_options(cfg)
+    assert options.target_confidence == 0.99 and options.eot_views == 2 and options.eot_hflip is True
     assert options.lambda_mc == 0.3 and options.lambda_sem == 2.5
     assert isinstance(options.space, LatentSpace) and options.space.layers == (1, 3)
-    assert options.gate == GateOptions(grid=4, fallback=False)
+    assert options.gate == GateOptions(grid=4, fallback=False, lambda_area=7.0)
     assert instantiate(cfg.manifold).margin == 0.2
     assert inversion_options(compose_cfg(["localize=none", "space=iso"]))[0].gate is None
 

@@ -345,6 +345,19 @@ def test_random_views_identity_without_shift_and_noise_and_bounded_shift():
     assert (out - ramp)[..., 1:-1].abs().max() <= step + 1e-5 and out.min() >= 0 and out.max() <= 1
 
 
+def test_random_views_with_hflip_mirror_some_images_exactly():
+    from disc_pl.cf.objective import random_views
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 6, 6)
+    out = random_views(x, 0.0, 0.0, hflip=True)
+    same = (out - x).abs().flatten(1).amax(1) < 1e-5
+    mirrored = (out - x.flip(-1)).abs().flatten(1).amax(1) < 1e-5
+    assert bool((same | mirrored).all())          # each view is the image or its mirror, nothing else
+    assert 10 < int(mirrored.sum()) < 54          # about half are mirrored (binomial, p = 0.5)
+    assert torch.allclose(random_views(x, 0.0, 0.0, hflip=False), x, atol=1e-6)
+
+
 def test_eot_options_are_validated():
     from disc_pl.cf.engine import InversionOptions
 

@@ -58,6 +58,7 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
         target_confidence=None if inv.get("target_confidence") is None else float(inv.target_confidence),
         log_every=int(inv.log_every), eot_views=int(inv.get("eot_views", 0)),
         eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)),
+        eot_hflip=bool(inv.get("eot_hflip", False)),
         precision=str(inv.get("precision", "32")))
     return options, instantiate(cfg.prior.hparams)
 

@@ -341,6 +341,10 @@ def _check_inversion(ch: _Checks) -> None:
     ch.integer("inversion.steps_per_stage", 1)
     ch.integer("inversion.min_steps", 0)
     ch.integer("inversion.log_every", 0)
+    ch.integer("inversion.eot_views", 0)
+    ch.number("inversion.eot_shift", 0)
+    ch.number("inversion.eot_noise", 0)
+    ch.boolean("inversion.eot_hflip")
     precision = ch.get("inversion.precision")
     if precision not in (ABSENT, MISSING):
         try:

@@ -96,6 +96,7 @@ class InversionOptions:
     eot_views: int = 0
     eot_shift: float = 1.0
     eot_noise: float = 0.02
+    eot_hflip: bool = False                 # views are also mirrored left-right at random
     # Numeric precision (disc_pl.cf.precision): 32 | bf16-mixed | 16-mixed | auto (resolved on
     # the queries' device when the batch starts: bf16-mixed where it computes bf16 natively).
     precision: str = "32"

@@ -88,12 +88,15 @@ class ManifoldTerm(Term):
         return self.manifold(step.x, step.logits, step.feats, step.source, step.target)
 
 
-def random_views(x: Tensor, shift: float, noise: float) -> Tensor:
+def random_views(x: Tensor, shift: float, noise: float, hflip: bool = False) -> Tensor:
     """One random view of each image: a bilinear translation by up to ``shift`` pixels per axis
-    (border padding) plus Gaussian pixel noise of std ``noise``, clamped to [0, 1]."""
+    (border padding), with ``hflip`` a left-right mirror of half the images (at random), plus
+    Gaussian pixel noise of std ``noise``, clamped to [0, 1]."""
     b, _, h, w = x.shape
     theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    if hflip:  # x -> -x in the sampling grid mirrors the image
+        theta[:, 0, 0] = torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0).to(x.dtype)
     offsets = (torch.rand(b, 2, device=x.device, dtype=x.dtype) * 2 - 1) * shift
     theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
@@ -103,18 +106,21 @@ def random_views(x: Tensor, shift: float, noise: float) -> Tensor:
 
 class FunctionalTerm(Term):
     """Cross entropy of F(x') to the target class. With ``views`` > 0 (expectation over
-    transformations) it is averaged over that many random views of x' (``random_views``)."""
+    transformations) it is averaged over that many random views of x' (``random_views``; with
+    ``hflip``, mirrored at random too: only where the labels survive mirroring)."""
 
     name = "functional"
 
-    def __init__(self, weight: float = 1.0, views: int = 0, shift: float = 1.0, noise: float = 0.02) -> None:
+    def __init__(self, weight: float = 1.0, views: int = 0, shift: float = 1.0, noise: float = 0.02,
+                 hflip: bool = False) -> None:
         super().__init__(weight)
-        self.views, self.shift, self.noise = int(views), float(shift), float(noise)
+        self.views, self.shift, self.noise, self.hflip = int(views), float(shift), float(noise), bool(hflip)
 
     def __call__(self, step, state):
         if not self.views:
             return functional_loss(step.logits, step.target)
-        losses = [functional_loss(step.classifier(random_views(step.x, self.shift, self.noise)), step.target)
+        losses = [functional_loss(step.classifier(random_views(step.x, self.shift, self.noise, self.hflip)),
+                                  step.target)
                   for _ in range(self.views)]
         return torch.stack(losses).mean(0)
 
@@ -145,7 +151,7 @@ def default_objective(options: Any, manifold: nn.Module | None = None) -> list[T
     return [SemanticTerm(options.space, options.layers, options.lambda_sem, options.relax),
             ManifoldTerm(manifold, options.lambda_mc),
             FunctionalTerm(options.lambda_fc, getattr(options, "eot_views", 0), getattr(options, "eot_shift", 1.0),
-                           getattr(options, "eot_noise", 0.02)),
+                           getattr(options, "eot_noise", 0.02), getattr(options, "eot_hflip", False)),
             PriorTerm(1.0), AreaTerm(options.gate.lambda_area if options.gate is not None else 0.0)]
 
 
