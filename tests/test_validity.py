@@ -364,6 +364,9 @@ def test_eot_options_are_validated():
     with pytest.raises(ValueError, match="eot_views"):
         InversionOptions(eot_views=-1)
     assert InversionOptions(eot_views=2).eot_views == 2
+    with pytest.raises(ValueError, match="eot_hflip"):
+        InversionOptions(eot_hflip="yes")  # a truthy string is not silently taken as true
+    assert InversionOptions(eot_hflip=True).eot_hflip is True
 
 
 def test_eot_objective_runs_and_status_matches_the_unviewed_image(toy_classifier, toy_queries):

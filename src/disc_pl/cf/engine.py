@@ -109,14 +109,15 @@ class InversionOptions:
                   "target_confidence": (self.target_confidence is None
                                         or self.target_margin <= self.target_confidence < 1),
                   "eot_views": self.eot_views >= 0,
-                  "eot_shift": self.eot_shift >= 0, "eot_noise": self.eot_noise >= 0}
+                  "eot_shift": self.eot_shift >= 0, "eot_noise": self.eot_noise >= 0,
+                  "eot_hflip": isinstance(self.eot_hflip, bool)}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"inversion.{key}={getattr(self, key)!r} is out of range "
                                  "(lr, lambda_fc > 0; lambdas >= 0; 0 < relax <= 1; "
                                  "0 <= target_margin < 1; target_confidence null or in "
                                  "[target_margin, 1); recon_steps >= 0; "
-                                 "eot_views, eot_shift, eot_noise >= 0)")
+                                 "eot_views, eot_shift, eot_noise >= 0; eot_hflip true or false)")
         if not self.stages:
             raise ValueError("inversion needs at least one stage (prior.stages)")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
