@@ -65,7 +65,7 @@ def test_evaluate_gt_counterfactuals_beat_the_identity_baseline(tmp_path, cache_
 @pytest.mark.slow
 def test_report_on_a_real_multirun(tmp_path, cache_dir):
     sweep = tmp_path / "multirun"
-    run_cli("disc_pl.run", ["-m", *TOY, "prior=tv,inr", "prior.stages=[[all]]", "query.count=4",
+    run_cli("disc_pl.run", ["-m", *TOY, "prior=tv,inr", "manifold=dep", "prior.stages=[[all]]", "query.count=4",
                             "query.batch_size=4", f"cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}",
                             "hydra.sweep.subdir=${hydra:job.num}"])
     proc = run_cli("disc_pl.report", [str(sweep), "--queries", "3"], timeout=300)

@@ -67,6 +67,8 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["seed=-1"], "seed", "-1", "must be an integer in 0..4294967295"),
     (["cpu_allocator=jemalloc"], "cpu_allocator", "'jemalloc'", "must be one of retain, system"),
     (["models.classifier.use_dep=false"], "models.classifier.use_dep", "false",
+     "manifold=surrogates needs the classifier's DEP loss predictor: set models.classifier.use_dep=true"),
+    (["manifold=dep", "models.classifier.use_dep=false"], "models.classifier.use_dep", "false",
      "manifold=dep needs the classifier's DEP loss predictor: set models.classifier.use_dep=true"),
     (["localize.grid=64"], "localize.grid", "64", "cannot be finer than the 32x32 image"),
     (["localize.grid=0"], "localize.grid", "0", "must be an integer >= 1"),

@@ -20,7 +20,8 @@ from hardening_support import entries
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models on one thread
 
-BYO = ["model@models.classifier=byo", "models.classifier.arch=resnet18"]
+# a bring-your-own classifier cannot have surrogates (the default manifold): DEP (post-hoc head)
+BYO = ["model@models.classifier=byo", "models.classifier.arch=resnet18", "manifold=dep"]
 
 
 class _Payload:
@@ -53,6 +54,16 @@ def test_byo_checkpoint_path_not_set_or_missing(tmp_path):
     cfg = compose_cfg(["model=byo", f"model.path={missing}", f"cache_dir={tmp_path / 'cache'}"], "train")
     with pytest.raises(ConfigError, match=f"model.path='{missing}': no such file"):
         train_lib.main(cfg)
+    assert entries(tmp_path / "cache") == []
+
+
+def test_byo_classifier_with_surrogates_is_refused_before_anything_trains(tmp_path):
+    weights = tmp_path / "w.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), weights)
+    with pytest.raises(ConfigError, match="manifold='surrogates': trains surrogate classifiers") as info:
+        run_lib.run(run_cfg(tmp_path, *BYO[:2], f"models.classifier.path={weights}"),  # the default manifold
+                    out_dir=tmp_path / "out")
+    assert info.value.key == "manifold" and "choose manifold=dep, duq or none" in str(info.value)
     assert entries(tmp_path / "cache") == []
 
 
@@ -134,7 +145,7 @@ def test_duq_manifold_without_a_duq_model(tmp_path, byo):
     extra = []
     if byo:
         (tmp_path / "weights.pt").write_bytes(b"never read: the config fails first")
-        extra = [*BYO, f"models.classifier.path={tmp_path / 'weights.pt'}"]
+        extra = [*BYO[:2], f"models.classifier.path={tmp_path / 'weights.pt'}"]
     with pytest.raises(ConfigError) as info:
         run_lib.run(run_cfg(tmp_path, "manifold=duq", "~model@models.duq", *extra), out_dir=tmp_path / "out")
     assert info.value.key == "models.duq"

@@ -9,7 +9,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from disc_pl.cf.gate import GateOptions
-from disc_pl.cf.losses import DEP, DUQ, DEPManifold, DUQManifold, LatentSpace, NoManifold, PixelSpace
+from disc_pl.cf.losses import (DEP, DUQ, DEPManifold, DUQManifold, LatentSpace, NoManifold, PixelSpace,
+                               SurrogateManifold, Surrogates)
 from disc_pl.errors import ConfigError
 from disc_pl.job import inversion_options
 
@@ -18,7 +19,8 @@ from conftest import compose_cfg
 
 @pytest.mark.parametrize("override, kind", [
     ("space=lso", LatentSpace), ("space=iso", PixelSpace), ("manifold=dep", DEP), ("manifold=duq", DUQ),
-    ("manifold=none", NoManifold), ("localize=gate", GateOptions), ("localize=none", type(None))])
+    ("manifold=none", NoManifold), ("manifold=surrogates", Surrogates), ("localize=gate", GateOptions),
+    ("localize=none", type(None))])
 def test_each_shipped_option_builds_its_object(override, kind):
     group = override.split("=")[0]
     assert isinstance(instantiate(compose_cfg([override])[group]), kind)
@@ -87,6 +89,40 @@ def test_manifold_factories_build_their_model_and_load_duq_only_when_needed():
     duq = DUQ(margin=0.25)(clf, load_duq)
     assert isinstance(duq, DUQManifold) and duq.margin == 0.25 and calls == [1]
     assert (DEP.needs_dep, DUQ.needs_duq, NoManifold.needs_dep, NoManifold.needs_duq) == (True, True, False, False)
+
+
+def test_surrogate_manifold_is_the_weighted_mean_cross_entropy_of_its_surrogates_plus_dep():
+    import torch.nn.functional as F
+
+    loaded = []
+
+    def load_surrogate(i):
+        loaded.append(i)
+        lin = nn.Linear(4, 2, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]) * (i + 1))
+        return nn.Sequential(nn.Flatten(), lin)
+
+    class _Predictor(_WithDEP):
+        def predict_loss(self, feats):
+            return feats[0]
+
+    clf = _Predictor()
+    made = Surrogates(k=2, weight=3.0)(clf, None, load_surrogate)
+    assert isinstance(made, SurrogateManifold) and loaded == [0, 1] and made.dep is not None
+    x = torch.tensor([[[[0.2, 0.7], [0.0, 0.0]]], [[[0.9, 0.1], [0.0, 0.0]]]])  # [2, 1, 2, 2]
+    target = torch.tensor([1, 1])
+    s_hat = torch.tensor([0.8, 0.1])
+    logits = [x.flatten(1)[:, :2] * (i + 1) for i in range(2)]  # what each surrogate computes
+    ce = (F.cross_entropy(logits[0], target, reduction="none") + F.cross_entropy(logits[1], target, reduction="none")) / 2
+    torch.testing.assert_close(made(x, None, [s_hat], target * 0, target), 3.0 * ce + (s_hat - 0.5).abs())
+    alone = Surrogates(k=2, weight=3.0, dep=False)(clf, None, load_surrogate)
+    torch.testing.assert_close(alone(x, None, [s_hat], target * 0, target), 3.0 * ce)
+    assert Surrogates(k=3).needs_surrogates == 3 and Surrogates(dep=False).needs_dep is False
+    with pytest.raises(ConfigError, match="k"):
+        Surrogates(k=0)
+    with pytest.raises(ValueError, match="load_surrogate"):
+        Surrogates()(clf, None)
 
 
 def test_a_space_checks_the_feature_maps_it_reads():

@@ -400,6 +400,7 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
             "prior.stages=[[all]]", "logger=none", "cd.enabled=false", "query.count=3",
             "query.require_correct=false", "judge.k=2", "judge.epochs=1", "judge.width=4", "judge.max_train=200",
             "validity.pgd.steps=3", "validity.cout_steps=4", f"cache_dir={tmp_path / 'cache'}",
+            "manifold=surrogates", "manifold.k=1",  # DEP + one surrogate: adds the surrogate PGD reference
             f"hydra.run.dir={out}"]
     proc = subprocess.run([sys.executable, "-m", "disc_pl.evaluate", *args], capture_output=True, text=True,
                           timeout=900)
@@ -408,7 +409,8 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
     for key in ("cf/judge_flip_rate", "cf/judge_flip_rate_std", "cf/judge_target_prob", "cf/judge_target_prob_std",
                 "judge/acc", "judge/acc_0", "judge/acc_1", "judge/query_flip_rate",
                 "reference/pgd/flip_rate", "reference/pgd/judge_flip_rate", "reference/gt/judge_flip_rate",
-                "reference/gt/gt_recovery"):
+                "reference/gt/gt_recovery", "reference/pgd_surrogates/flip_rate",
+                "reference/pgd_surrogates/judge_flip_rate"):
         assert key in m and math.isfinite(m[key]), key
     for key in ("cf/cout", "cf/gt_recovery"):  # quality figures: over the flipped queries only
         assert (key in m and math.isfinite(m[key])) == (m["cf/n_flipped"] > 0), key
@@ -420,7 +422,57 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
     assert all(v in (0.0, 0.5, 1.0) for v in flips)  # the share of 2 judges
     assert statistics_mean(flips) == pytest.approx(m["cf/judge_flip_rate"])
     assert len(list((tmp_path / "cache").glob("judge-*/judge.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("classifier-*"))) == 2  # the explained one and its surrogate
 
 
 def statistics_mean(values):
     return sum(values) / len(values)
+
+
+def test_palette_term_equals_the_hand_computed_nearest_colour_distance():
+    from disc_pl.cf.engine import InversionOptions
+    from disc_pl.cf.objective import PaletteTerm, Step, default_objective, farthest_colours
+
+    query = torch.zeros(2, 3, 2, 2)
+    query[:, :, 0, 0] = 1.0  # palette: black and white
+    x = query.clone()
+    x[0, :, 1, 1] = 0.5      # row 0: one grey pixel, 3 * 0.5^2 from either colour
+    x[1, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])  # row 1: one red pixel, 1 from black
+    term = PaletteTerm(weight=1.0, colours=2)
+    state = term.prepare(query, [])
+    step = Step(x=x, logits=torch.zeros(2, 2), feats=[], query=query, source=torch.zeros(2, dtype=torch.long),
+                target=torch.ones(2, dtype=torch.long), idx=torch.arange(2), prior=None, mask=None)
+    torch.testing.assert_close(term(step, state), torch.tensor([0.75 / 4, 1.0 / 4]))
+    # a change drawn in the query's own colours costs nothing; rows index the batch's palettes
+    step.x, step.idx = query.flip(-1)[1:], torch.tensor([1])
+    torch.testing.assert_close(term(step, state), torch.zeros(1))
+    # a pixel the palette misses costs nothing while it keeps its colour
+    odd = query.clone()
+    odd[:, :, 1, 1] = 0.4    # a third colour: the palette has 2 of the 3
+    st = term.prepare(odd, [])
+    step.x, step.query, step.idx = odd, odd, torch.arange(2)
+    torch.testing.assert_close(term(step, st), torch.zeros(2))
+    # farthest-point sampling keeps a rare distinct colour: 1 red pixel among 63 greys
+    img = torch.full((1, 3, 8, 8), 0.5)
+    img[0, :, 3, 3] = torch.tensor([1.0, 0.0, 0.0])
+    pal = farthest_colours(img, 2)
+    assert pal.shape == (1, 2, 3) and torch.allclose(pal[0, 1], torch.tensor([1.0, 0.0, 0.0]))
+    assert "palette" not in [t.name for t in default_objective(InversionOptions())]
+    assert "palette" in [t.name for t in default_objective(InversionOptions(lambda_palette=3.0))]
+    with pytest.raises(ValueError, match="lambda_palette"):
+        InversionOptions(lambda_palette=-1.0)
+
+
+def test_change_tv_term_equals_the_hand_computed_total_variation_of_the_change():
+    from disc_pl.cf.engine import InversionOptions
+    from disc_pl.cf.objective import ChangeTVTerm, Step, default_objective
+
+    query = torch.rand(2, 1, 3, 3)
+    x = query.clone()
+    x[0, 0, 1, 1] += 0.3  # one changed pixel: 4 neighbour differences of 0.3, over 6 + 6 pairs
+    x[1] += 0.2           # a constant shift of the whole image has no variation
+    step = Step(x=x, logits=torch.zeros(2, 2), feats=[], query=query, source=torch.zeros(2, dtype=torch.long),
+                target=torch.ones(2, dtype=torch.long), idx=torch.arange(2), prior=None, mask=None)
+    torch.testing.assert_close(ChangeTVTerm()(step, None), torch.tensor([2 * 0.3 / 6 + 2 * 0.3 / 6, 0.0]))
+    assert "change_tv" in [t.name for t in default_objective(InversionOptions(lambda_change_tv=1.0))]
+    assert "change_tv" not in [t.name for t in default_objective(InversionOptions())]

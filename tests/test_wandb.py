@@ -69,7 +69,7 @@ def test_offline_run_holds_metrics_losses_table_and_grid(tmp_path, cache_dir, mo
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose_cfg([*SMALL, "logger=wandb", f"cache_dir={cache_dir}"])
+    cfg = compose_cfg([*SMALL, "manifold=dep", "logger=wandb", f"cache_dir={cache_dir}"])
     out = tmp_path / "job"
     with tracking.tracked_job(cfg):
         metrics = run_lib.run(cfg, out)

@@ -58,7 +58,8 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
         target_confidence=None if inv.get("target_confidence") is None else float(inv.target_confidence),
         log_every=int(inv.log_every), eot_views=int(inv.get("eot_views", 0)),
         eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)),
-        eot_hflip=bool(inv.get("eot_hflip", False)),
+        eot_hflip=bool(inv.get("eot_hflip", False)), lambda_palette=float(inv.get("lambda_palette", 0.0)),
+        lambda_change_tv=float(inv.get("lambda_change_tv", 0.0)),
         precision=str(inv.get("precision", "32")))
     return options, instantiate(cfg.prior.hparams)
 
@@ -95,6 +96,16 @@ def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manif
     def duq() -> torch.nn.Module:
         return load_duq(ensure_model(cfg.models.duq, cfg.dataset, cfg.trainer, cfg.seed, cfg.cache_dir,
                                      train_fn=train_model))
+
+    def surrogate(i: int) -> torch.nn.Module:
+        if is_byo(cfg.models.classifier):
+            raise ConfigError.one("manifold", "surrogates", "trains surrogates from the explained classifier's "
+                                  "recipe, and a bring-your-own classifier has none here: choose manifold=dep, duq "
+                                  "or none")
+        return load_classifier(ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer,
+                                            int(cfg.seed) + 1000 * (i + 1), cfg.cache_dir, train_fn=train_model))
+    if getattr(manifold, "needs_surrogates", 0):
+        return manifold(classifier, duq, surrogate)
     return manifold(classifier, duq)
 
 
@@ -237,8 +248,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
 
     rows, tensors = merge_parts(out_dir)
     rows = [r for r in rows if r["query_id"] in set(indices)]
-    validity_metrics = add_validity(cfg, dm, classifier, rows, tensors, indices, target,
-                                    byo=is_byo(cfg.models.classifier))  # judges, COUT, references (new columns)
+    validity_metrics = add_validity(cfg, dm, classifier, rows, tensors, indices, target,  # judges, COUT, references
+                                    byo=is_byo(cfg.models.classifier), surrogates=getattr(manifold, "surrogates", None))
     write_results_table(out_dir / "results.csv", rows)
     keep = torch.isin(tensors["query_id"], torch.tensor(indices))
     if cfg.output.save_tensors and keep.any():

@@ -345,6 +345,8 @@ def _check_inversion(ch: _Checks) -> None:
     ch.number("inversion.eot_shift", 0)
     ch.number("inversion.eot_noise", 0)
     ch.boolean("inversion.eot_hflip")
+    ch.number("inversion.lambda_palette", 0)
+    ch.number("inversion.lambda_change_tv", 0)
     precision = ch.get("inversion.precision")
     if precision not in (ABSENT, MISSING):
         try:
@@ -414,6 +416,9 @@ def _check_parts(ch: _Checks) -> None:
         ch.add("models.classifier.use_dep", False, f"manifold={manifold.name} needs the classifier's DEP loss "
                "predictor: set models.classifier.use_dep=true (the default), or choose manifold=duq "
                "or manifold=none")
+    if getattr(manifold, "needs_surrogates", 0) and is_byo(clf):
+        ch.add("manifold", manifold.name, "trains surrogate classifiers from the explained classifier's recipe, "
+               "and a bring-your-own classifier has none here: choose manifold=dep, duq or none")
     if manifold.needs_duq:
         duq = OmegaConf.select(ch.cfg, "models.duq")
         if not isinstance(duq, DictConfig) or "_target_" not in duq:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -110,10 +110,27 @@ def _judge_keys(prefix: str, j: dict[str, Tensor]) -> dict[str, float]:
             f"{prefix}judge_target_prob_std": float(j["target_prob_std"])}
 
 
+class MeanLogits(nn.Module):
+    """The mean logits of ``models`` (an ensemble for the surrogate PGD reference)."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([m(x) for m in self.models]).mean(0)
+
+
 def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dict], tensors: dict[str, Tensor],
-                 indices: list[int], target: int, byo: bool = False) -> dict[str, Any]:
+                 indices: list[int], target: int, byo: bool = False,
+                 surrogates: Sequence[nn.Module] | None = None) -> dict[str, Any]:
     """Adds ``judge_flip``, ``judge_target_prob``, ``cout``, ``gt_recovery`` to ``rows`` (in
-    place; rows and the tensors are in query-id order) and returns the validity metrics."""
+    place; rows and the tensors are in query-id order) and returns the validity metrics.
+
+    With ``surrogates`` (``manifold=surrogates``) and the PGD reference on, a third reference
+    ``reference/pgd_surrogates/*``: the same PGD against the mean logits of the explained
+    classifier and the surrogates, run to the method's own goal (``target_confidence``, else
+    ``target_margin``): how far the surrogates alone carry a perturbation with no prior."""
     metrics: dict[str, Any] = {"env/cpu": cpu_model()}
     if "query_id" not in tensors or not rows:
         return metrics
@@ -144,10 +161,19 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
                 row[key] = float(figs[key][n])
     if "judge" in figs:
         metrics.update(_judge_keys("cf/", figs["judge"]))
-    for name in ("pgd", "gt"):
-        if not bool((vcfg.get("reference") or {}).get(name, False)):
+    refs = ["pgd", "gt"] + (["pgd_surrogates"] if surrogates else [])
+    for name in refs:
+        if not bool((vcfg.get("reference") or {}).get("pgd" if name == "pgd_surrogates" else name, False)):
             continue
-        if name == "gt":
+        if name == "pgd_surrogates":
+            pcfg = vcfg.get("pgd") or {}
+            goal = cfg.inversion.get("target_confidence")
+            goal = margin if goal is None else float(goal)
+            ensemble = MeanLogits([classifier, *surrogates])
+            ref = torch.cat([targeted_pgd(ensemble, x[i:i + 64], target, goal, float(pcfg.get("eps", 8 / 255)),
+                                          float(pcfg.get("alpha", 1 / 255)), int(pcfg.get("steps", 100)))[0]
+                             for i in range(0, len(x), 64)])
+        elif name == "gt":
             if x_gt is None:
                 continue
             ref = x_gt

@@ -97,6 +97,11 @@ class InversionOptions:
     eot_shift: float = 1.0
     eot_noise: float = 0.02
     eot_hflip: bool = False                 # views are also mirrored left-right at random
+    # Colour consistency (not in the paper; cf/objective.PaletteTerm): weight of the mean squared
+    # distance from each pixel of x' to the nearest colour of its query; 0 = off.
+    lambda_palette: float = 0.0
+    # Smoothness of the change (cf/objective.ChangeTVTerm): weight of the TV of x' - x; 0 = off.
+    lambda_change_tv: float = 0.0
     # Numeric precision (disc_pl.cf.precision): 32 | bf16-mixed | 16-mixed | auto (resolved on
     # the queries' device when the batch starts: bf16-mixed where it computes bf16 natively).
     precision: str = "32"
@@ -110,7 +115,8 @@ class InversionOptions:
                                         or self.target_margin <= self.target_confidence < 1),
                   "eot_views": self.eot_views >= 0,
                   "eot_shift": self.eot_shift >= 0, "eot_noise": self.eot_noise >= 0,
-                  "eot_hflip": isinstance(self.eot_hflip, bool)}
+                  "eot_hflip": isinstance(self.eot_hflip, bool), "lambda_palette": self.lambda_palette >= 0,
+                  "lambda_change_tv": self.lambda_change_tv >= 0}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"inversion.{key}={getattr(self, key)!r} is out of range "

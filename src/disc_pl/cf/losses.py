@@ -159,6 +159,24 @@ class DUQManifold(nn.Module):
         return F.relu(k_src - k_tgt + self.margin)
 
 
+class SurrogateManifold(nn.Module):
+    """DEP of the explained classifier (optional) + the mean cross entropy to the target class
+    of ``surrogates``: classifiers trained from the explained one's recipe and data with other
+    seeds. A change that moves them all is less tied to one network's quirks."""
+
+    def __init__(self, surrogates: Sequence[nn.Module], dep: DEPManifold | None = None,
+                 weight: float = 1.0) -> None:
+        super().__init__()
+        self.surrogates = nn.ModuleList(surrogates)
+        self.dep = dep
+        self.weight = float(weight)
+
+    def forward(self, x_cf, logits, feats, source, target) -> Tensor:
+        ce = torch.stack([F.cross_entropy(m(x_cf), target, reduction="none") for m in self.surrogates]).mean(0)
+        out = self.weight * ce
+        return out if self.dep is None else out + self.dep(x_cf, logits, feats, source, target)
+
+
 def functional_loss(logits: Tensor, target: Tensor) -> Tensor:
     """L_fc: cross entropy of F(x') to the target class, per query ``[b]``."""
     return F.cross_entropy(logits, target, reduction="none")
@@ -180,7 +198,10 @@ class Manifold:
         if name is not None:
             self.name = str(name)
 
-    def __call__(self, classifier: nn.Module, load_duq: Callable[[], nn.Module] | None = None) -> nn.Module | None:
+    needs_surrogates = 0  # classifiers trained from the explained one's recipe with other seeds
+
+    def __call__(self, classifier: nn.Module, load_duq: Callable[[], nn.Module] | None = None,
+                 load_surrogate: Callable[[int], nn.Module] | None = None) -> nn.Module | None:
         raise NotImplementedError
 
 
@@ -192,7 +213,7 @@ class NoManifold(Manifold):
     def __init__(self, lambda_mc: float = 0.0, name: str | None = None) -> None:
         super().__init__(lambda_mc, name)
 
-    def __call__(self, classifier, load_duq=None):
+    def __call__(self, classifier, load_duq=None, load_surrogate=None):
         return None
 
 
@@ -202,7 +223,7 @@ class DEP(Manifold):
     name = "dep"
     needs_dep = True
 
-    def __call__(self, classifier, load_duq=None):
+    def __call__(self, classifier, load_duq=None, load_surrogate=None):
         return DEPManifold(classifier)
 
 
@@ -217,7 +238,31 @@ class DUQ(Manifold):
         require("manifold", [("margin", margin, is_number(margin, 0), "must be a number >= 0")])
         self.margin = float(margin)
 
-    def __call__(self, classifier, load_duq=None):
+    def __call__(self, classifier, load_duq=None, load_surrogate=None):
         if load_duq is None:
             raise ValueError("manifold=duq needs the DUQ model: pass load_duq (a callable returning it)")
         return DUQManifold(load_duq(), margin=self.margin)
+
+
+class Surrogates(Manifold):
+    """``SurrogateManifold``: ``k`` surrogate classifiers (the explained classifier's recipe and
+    training data, seeds ``seed + 1000 (i + 1)``) whose mean cross entropy to the target,
+    weighted by ``weight``, is added to the DEP term (``dep``: true) of the explained one."""
+
+    name = "surrogates"
+
+    def __init__(self, lambda_mc: float = 0.1, k: int = 4, weight: float = 10.0, dep: bool = True,
+                 name: str | None = None) -> None:
+        super().__init__(lambda_mc, name)
+        require("manifold", [("k", k, is_integer(k) and k >= 1, "must be an integer >= 1"),
+                             ("weight", weight, is_number(weight, 0), "must be a number >= 0"),
+                             ("dep", dep, isinstance(dep, bool), "must be true or false")])
+        self.k, self.weight, self.dep = int(k), float(weight), bool(dep)
+        self.needs_dep = self.dep
+        self.needs_surrogates = self.k
+
+    def __call__(self, classifier, load_duq=None, load_surrogate=None):
+        if load_surrogate is None:
+            raise ValueError("manifold=surrogates needs load_surrogate (a callable i -> the i-th surrogate)")
+        return SurrogateManifold([load_surrogate(i) for i in range(self.k)],
+                                 DEPManifold(classifier) if self.dep else None, self.weight)

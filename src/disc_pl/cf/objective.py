@@ -125,6 +125,68 @@ class FunctionalTerm(Term):
         return torch.stack(losses).mean(0)
 
 
+def farthest_colours(images: Tensor, k: int) -> Tensor:
+    """A palette of ``k`` colours per image, [B, C, H, W] -> [B, k, C]: farthest-point sampling
+    over the image's pixels (from the pixel nearest the mean colour, each next colour the pixel
+    farthest from those taken), so rare but distinct colours (lips, an iris) are in it."""
+    pix = images.detach().float().flatten(2).transpose(1, 2)  # [B, N, C]
+    first = (pix - pix.mean(1, keepdim=True)).pow(2).sum(2).argmin(1)  # [B]
+    rows = torch.arange(pix.shape[0], device=pix.device)
+    chosen = [pix[rows, first]]
+    dist = (pix - chosen[0][:, None]).pow(2).sum(2)  # [B, N] to the nearest chosen colour
+    for _ in range(1, min(k, pix.shape[1])):
+        nxt = pix[rows, dist.argmax(1)]
+        chosen.append(nxt)
+        dist = torch.minimum(dist, (pix - nxt[:, None]).pow(2).sum(2))
+    return torch.stack(chosen, 1)
+
+
+def palette_distance(x: Tensor, palette: Tensor) -> Tensor:
+    """[b, C, H, W] pixels, [b, k, C] palettes -> [b, H*W]: squared distance of each pixel to
+    the nearest colour of its image's palette."""
+    pix = x.float().flatten(2).transpose(1, 2)  # [b, N, C]
+    # |p - c|^2 = |p|^2 - 2 p.c + |c|^2 as one batched matmul (no [b, N, k, C] intermediate)
+    d2 = torch.baddbmm(palette.pow(2).sum(2)[:, None, :], pix, palette.transpose(1, 2), alpha=-2.0)
+    return (d2.min(2).values + pix.pow(2).sum(2)).clamp_min(0.0)
+
+
+class PaletteTerm(Term):
+    """Colour consistency (not in the paper): no pixel of x' may end farther from the query's
+    palette than it was in the query, mean_p relu(d(x'_p) - d(x_p)), d = squared distance to
+    the nearest of ``colours`` palette colours (``farthest_colours``). A change drawn in
+    colours the image already has (skin, lips, background) costs nothing; one in colours it
+    lacks (the saturated speckle an optimiser paints to move a classifier) costs its distance.
+    Zero for x' = x whatever the palette misses."""
+
+    name = "palette"
+
+    def __init__(self, weight: float = 1.0, colours: int = 32) -> None:
+        super().__init__(weight)
+        self.colours = int(colours)
+
+    def prepare(self, images, feats):
+        palette = farthest_colours(images, self.colours)
+        return palette, palette_distance(images, palette)
+
+    def __call__(self, step, state):
+        palette, base = state[0][step.idx], state[1][step.idx]
+        return torch.relu(palette_distance(step.x, palette) - base).mean(1)
+
+
+class ChangeTVTerm(Term):
+    """Smoothness of the change (not in the paper): the anisotropic total variation of x' - x,
+    mean |horizontal and vertical neighbour differences| per query. Pixel speckle costs much
+    more than a coherent stroke of the same energy."""
+
+    name = "change_tv"
+
+    def __call__(self, step, state):
+        d = step.x.float() - step.query.float()
+        dy = (d[:, :, 1:, :] - d[:, :, :-1, :]).abs().flatten(1).mean(1)
+        dx = (d[:, :, :, 1:] - d[:, :, :, :-1]).abs().flatten(1).mean(1)
+        return dx + dy
+
+
 class PriorTerm(Term):
     """The prior's own regulariser (TV + L2 for tv; zeros for the network priors)."""
 
@@ -152,7 +214,9 @@ def default_objective(options: Any, manifold: nn.Module | None = None) -> list[T
             ManifoldTerm(manifold, options.lambda_mc),
             FunctionalTerm(options.lambda_fc, getattr(options, "eot_views", 0), getattr(options, "eot_shift", 1.0),
                            getattr(options, "eot_noise", 0.02), getattr(options, "eot_hflip", False)),
-            PriorTerm(1.0), AreaTerm(options.gate.lambda_area if options.gate is not None else 0.0)]
+            PriorTerm(1.0), AreaTerm(options.gate.lambda_area if options.gate is not None else 0.0)] + (
+            [PaletteTerm(options.lambda_palette)] if getattr(options, "lambda_palette", 0.0) > 0 else []) + (
+            [ChangeTVTerm(options.lambda_change_tv)] if getattr(options, "lambda_change_tv", 0.0) > 0 else [])
 
 
 def check_objective(terms: Sequence[Term]) -> list[Term]:
