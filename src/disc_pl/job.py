@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from disc_pl import tracking
 from disc_pl.errors import ConfigError
 from disc_pl.cf.engine import InversionOptions, prior_schedule
-from disc_pl.cf.losses import Manifold
+from disc_pl.cf.losses import Manifold, Surrogates
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
 from disc_pl.cf.progress import QueryProgress
 from disc_pl.cf.results import (check_config_stamp, ensure_writable_dir, finished_query_ids, flatten, merge_parts,
@@ -99,9 +99,7 @@ def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manif
 
     def surrogate(i: int) -> torch.nn.Module:
         if is_byo(cfg.models.classifier):
-            raise ConfigError.one("manifold", "surrogates", "trains surrogates from the explained classifier's "
-                                  "recipe, and a bring-your-own classifier has none here: choose manifold=dep, duq "
-                                  "or none")
+            raise ConfigError.one("manifold", manifold.name, Surrogates.BYO_REFUSAL)
         return load_classifier(ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer,
                                             int(cfg.seed) + 1000 * (i + 1), cfg.cache_dir, train_fn=train_model))
     if getattr(manifold, "needs_surrogates", 0):

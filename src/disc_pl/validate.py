@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from disc_pl import utils
 from disc_pl.cf.priors import Prior
+from disc_pl.cf.losses import Surrogates
 from disc_pl.cf import precision as amp
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
 from disc_pl.models.byo import is_byo  # noqa: F401 (re-exported)
@@ -417,8 +418,7 @@ def _check_parts(ch: _Checks) -> None:
                "predictor: set models.classifier.use_dep=true (the default), or choose manifold=duq "
                "or manifold=none")
     if getattr(manifold, "needs_surrogates", 0) and is_byo(clf):
-        ch.add("manifold", manifold.name, "trains surrogate classifiers from the explained classifier's recipe, "
-               "and a bring-your-own classifier has none here: choose manifold=dep, duq or none")
+        ch.add("manifold", manifold.name, Surrogates.BYO_REFUSAL)
     if manifold.needs_duq:
         duq = OmegaConf.select(ch.cfg, "models.duq")
         if not isinstance(duq, DictConfig) or "_target_" not in duq:

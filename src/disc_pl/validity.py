@@ -161,27 +161,27 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
                 row[key] = float(figs[key][n])
     if "judge" in figs:
         metrics.update(_judge_keys("cf/", figs["judge"]))
-    refs = ["pgd", "gt"] + (["pgd_surrogates"] if surrogates else [])
-    for name in refs:
-        if not bool((vcfg.get("reference") or {}).get("pgd" if name == "pgd_surrogates" else name, False)):
+    pcfg = vcfg.get("pgd") or {}
+
+    def pgd(model: nn.Module, goal: float) -> Tensor:
+        return torch.cat([targeted_pgd(model, x[i:i + 64], target, goal, float(pcfg.get("eps", 8 / 255)),
+                                       float(pcfg.get("alpha", 1 / 255)), int(pcfg.get("steps", 100)))[0]
+                          for i in range(0, len(x), 64)])
+
+    # reference row -> the validity.reference switch that turns it on
+    refs = {"pgd": "pgd", "gt": "gt", **({"pgd_surrogates": "pgd"} if surrogates else {})}
+    for name, switch in refs.items():
+        if not bool((vcfg.get("reference") or {}).get(switch, False)):
             continue
-        if name == "pgd_surrogates":
-            pcfg = vcfg.get("pgd") or {}
-            goal = cfg.inversion.get("target_confidence")
-            goal = margin if goal is None else float(goal)
-            ensemble = MeanLogits([classifier, *surrogates])
-            ref = torch.cat([targeted_pgd(ensemble, x[i:i + 64], target, goal, float(pcfg.get("eps", 8 / 255)),
-                                          float(pcfg.get("alpha", 1 / 255)), int(pcfg.get("steps", 100)))[0]
-                             for i in range(0, len(x), 64)])
-        elif name == "gt":
+        if name == "gt":
             if x_gt is None:
                 continue
             ref = x_gt
-        else:
-            pcfg = vcfg.get("pgd") or {}
-            ref = torch.cat([targeted_pgd(classifier, x[i:i + 64], target, margin, float(pcfg.get("eps", 8 / 255)),
-                                          float(pcfg.get("alpha", 1 / 255)), int(pcfg.get("steps", 100)))[0]
-                             for i in range(0, len(x), 64)])
+        elif name == "pgd":
+            ref = pgd(classifier, margin)
+        else:  # the ensemble, to the method's own goal
+            goal = cfg.inversion.get("target_confidence")
+            ref = pgd(MeanLogits([classifier, *surrogates]), margin if goal is None else float(goal))
         metrics.update(_aggregate(f"reference/{name}/", figures(classifier, judges, x, ref, source, target,
                                                                 margin, x_gt, steps)))
     log.info("validity: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()

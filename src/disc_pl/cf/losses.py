@@ -250,6 +250,9 @@ class Surrogates(Manifold):
     weighted by ``weight``, is added to the DEP term (``dep``: true) of the explained one."""
 
     name = "surrogates"
+    #: Why a bring-your-own classifier is refused (by disc_pl.validate, and by job.build_manifold)
+    BYO_REFUSAL = ("trains surrogate classifiers from the explained classifier's recipe, and a "
+                   "bring-your-own classifier has none here: choose manifold=dep, duq or none")
 
     def __init__(self, lambda_mc: float = 0.1, k: int = 4, weight: float = 10.0, dep: bool = True,
                  name: str | None = None) -> None:
