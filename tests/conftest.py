@@ -33,7 +33,7 @@ TOY_DATA = ["dataset.n_train=1200", "dataset.n_val=200", "dataset.n_test=300",
 TOY_MODEL = [*TOY_DATA, "models.classifier.width=8", "models.classifier.fit.trainer.max_epochs=3",
              "models.classifier.lr=3e-3"]
 # A small INR generator and a short progressive schedule.
-TOY_INR = ["prior.hparams.hidden=64", "prior.hparams.depth=2", "prior.stages=[[out],[hidden1,out],[all]]",
+TOY_INR = ["prior=inr", "prior.hparams.hidden=64", "prior.hparams.depth=2", "prior.stages=[[out],[hidden1,out],[all]]",
            "prior.recon.max_steps=100", "prior.recon.psnr_target=28", "inversion.steps_per_stage=50"]
 # A cheap, fixed-length generation schedule: the tv prior (nothing to reconstruct), 3 stages.
 FAST_TV = ["prior=tv", "inversion.steps_per_stage=12", "inversion.min_steps=2", "prior.lr=0.02",

@@ -2,6 +2,7 @@
 divergence isolation, a pinned reference loop), and a flip of a trained toy classifier."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from analytic import PatchReader
 
-from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals, is_flipped
+from disc_pl.cf.engine import InversionOptions, PriorFallback, Stage, generate_counterfactuals, is_flipped
 from disc_pl.cf.gate import GateOptions
 from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
 from disc_pl.cf.objective import Term, default_objective
@@ -288,6 +289,32 @@ def test_warp_counterfactual_moves_the_querys_own_pixels(float64):
     lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
     assert bool(((out.images >= lo - 1e-9) & (out.images <= hi + 1e-9)).all())
     assert (out.images[:, :, 13:19, 16:22].amax((1, 2, 3)) > 0.75).all()  # the bar's pixels moved in
+
+
+def test_fallback_prior_takes_over_only_the_queries_the_first_cannot_flip(float64):
+    """prior=warp with a tv fallback: query 0 (a bar beside the patch) is flipped by the warp,
+    query 1 (uniform grey: nothing bright to move) cannot be. With the fallback, query 1 is
+    flipped by new bright pixels (outside its own range: the tv prior drew them), fallback =
+    [False, True], and query 0's image, status and steps equal a warp-only run's."""
+    x = torch.full((2, 3, 32, 32), 0.2)
+    x[0, :, 10:22, 12:16] = 0.9
+    x[0, :, 10:22, 16], x[0, :, 10:22, 17] = 0.6, 0.35
+    t = torch.ones(2, dtype=torch.long)
+    warp = InversionOptions(space="iso", lambda_sem=1.0, lr=0.05, recon_steps=0, target_margin=0.2,
+                            stages=[Stage(["flow"], 150, 3)], gate=None)
+    tv = dataclasses.replace(warp, lr=0.05, stages=[Stage(["pixels"], 150, 3)])
+    alone = generate_counterfactuals(_BarReader(), x, t, prior="warp", prior_hparams={"grid": 8}, options=warp,
+                                     seeds=[0, 1])
+    assert alone.status == ["flipped", "not_flipped"] and alone.fallback is None
+    both = generate_counterfactuals(_BarReader(), x, t, prior="warp", prior_hparams={"grid": 8},
+                                    options=dataclasses.replace(warp, fallback=PriorFallback("tv", tv)),
+                                    seeds=[0, 1])
+    assert both.status == ["flipped", "flipped"] and both.fallback.tolist() == [False, True]
+    assert torch.equal(both.images[0], alone.images[0]) and both.steps[0] == alone.steps[0]
+    assert both.steps[1] > alone.steps[1]  # both searches are counted
+    assert both.images[1].max() > 0.2 + 0.1  # brightness the query does not have
+    with pytest.raises(ValueError, match="one level only"):
+        InversionOptions(fallback=PriorFallback("tv", dataclasses.replace(tv, fallback=PriorFallback("tv", tv))))
 
 
 def test_target_confidence_goes_on_past_the_flip_and_still_counts_the_flip_at_the_margin(float64):

@@ -29,7 +29,7 @@ from disc_pl import report as report_lib
 # class, not good counterfactuals: its assertion is about the reference CDs).
 TOY = [*TOY_MODEL, "prior.recon.max_steps=30", "prior.recon.psnr_target=28", "inversion.steps_per_stage=10",
        "inversion.min_steps=2"]
-TOY_INR = ["prior.hparams.hidden=64", "prior.hparams.depth=2", "prior.stages=[[out],[all]]"]
+TOY_INR = ["prior=inr", "prior.hparams.hidden=64", "prior.hparams.depth=2", "prior.stages=[[out],[all]]"]
 
 
 def run_cli(module: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -144,6 +144,17 @@ def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
     assert "identity X1' = X0 0.4 ± 0" in text
     assert "grid" not in files  # no counterfactuals.pt: no grid, the rest still written
     Image.open(files["scatter"]).verify()
+
+
+def test_report_names_a_fallback_prior_in_the_method(tmp_path):
+    """prior=warp prior.fallback=inr is its own method, "LSO+Warp/INR+DEP", beside plain warp."""
+    row = [{"query_id": 0, "flipped": "True", "mse": 1.0, "concentration": 0.5, "in_mask": ""}]
+    write_report_job(tmp_path, "0", ["prior=warp"], "warp", {}, row)
+    write_report_job(tmp_path, "1", ["prior=warp", "prior.fallback=inr"], "warp", {}, row)
+    cfg = tmp_path / "1" / ".hydra" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("prior: {name: warp}", "prior: {name: warp, fallback: inr}"))
+    names = sorted(m.name for m in report_lib.group_methods(report_lib.find_jobs(tmp_path)))
+    assert names == ["LSO+Warp+DEP", "LSO+Warp/INR+DEP"]
 
 
 @pytest.mark.slow

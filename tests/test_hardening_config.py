@@ -124,6 +124,20 @@ def test_coarse_to_fine_grids_the_prior_cannot_render(tmp_path, overrides, key, 
     assert err.key == key and hint in str(err)
 
 
+@pytest.mark.parametrize("fallback", ["warp", "gan", 3])
+def test_prior_fallback_must_be_another_prior(tmp_path, fallback):
+    """prior.fallback names the prior that takes over unflipped queries: itself, an unknown
+    name or a number is refused with the other priors listed."""
+    err = run_fails(tmp_path, ["prior=warp", f"prior.fallback={fallback}"])
+    assert err.key == "prior.fallback" and err.value == fallback
+    assert "dip, inr, tv" in err.allowed and "warp," not in err.allowed
+
+
+def test_prior_semantic_weight_must_be_a_non_negative_number(tmp_path):
+    err = run_fails(tmp_path, ["prior.lambda_sem_scale=-1"])
+    assert err.key == "prior.lambda_sem_scale" and err.value == -1 and ">= 0" in err.allowed
+
+
 def test_unknown_generator_hparam_lists_the_parameters(tmp_path):
     err = run_fails(tmp_path, ["+prior.hparams.hiden=3"])
     assert err.key == "prior.hparams.hiden" and "hidden" in err.allowed and "n_frequencies" in err.allowed

@@ -39,6 +39,31 @@ def test_command_line_overrides_reach_the_objects_and_the_options():
     assert inversion_options(compose_cfg(["localize=none", "space=iso"]))[0].gate is None
 
 
+def test_prior_fallback_runs_with_the_fallback_priors_own_schedule_and_the_rest_of_the_options():
+    """prior=warp prior.fallback=inr: the fallback's lr, stages and generator are conf/prior/inr.yaml's,
+    every other option (gate, lambdas, confidence) is the run's; no fallback: None."""
+    cfg = compose_cfg(["prior=warp", "prior.fallback=inr", "space.lambda_sem=0.5", "inversion.target_confidence=0.99"])
+    options, factory = inversion_options(cfg)
+    inr = compose_cfg(["prior=inr"])
+    fb = options.fallback
+    assert fb.name == "inr" and fb.options.fallback is None
+    assert fb.options.lr == inr.prior.lr and [s.groups for s in fb.options.stages] == [list(g) for g in inr.prior.stages]
+    assert fb.options.lambda_sem == pytest.approx(0.5 * 0.6) and fb.options.target_confidence == 0.99 and fb.options.gate == options.gate
+    assert type(fb.prior(torch.rand(1, 3, 32, 32), [0])).__name__ == "INRPrior"
+    assert type(factory(torch.rand(1, 3, 32, 32), [0])).__name__ == "WarpPrior"
+    assert inversion_options(compose_cfg(["prior=warp", "prior.fallback=null"]))[0].fallback is None
+
+
+def test_a_priors_semantic_scale_multiplies_the_spaces_weight_and_reaches_its_fallback():
+    """lambda1 = space.lambda_sem x prior.lambda_sem_scale (warp: 0.6, the others 1), for the run
+    and for its fallback prior's run."""
+    both = ["prior=warp", "prior.fallback=inr", "space.lambda_sem=2.0"]
+    options, _ = inversion_options(compose_cfg([*both, "prior.lambda_sem_scale=0.25"]))
+    assert options.lambda_sem == 0.5 and options.fallback.options.lambda_sem == 0.5
+    assert inversion_options(compose_cfg(both))[0].lambda_sem == pytest.approx(1.2)
+    assert inversion_options(compose_cfg(["prior=inr", "space.lambda_sem=2.0"]))[0].lambda_sem == 2.0
+
+
 def test_the_prior_config_sets_each_stage_grid():
     def sizes(overrides):
         return [s.size for s in inversion_options(compose_cfg(overrides))[0].stages]

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from disc_pl import tracking
 from disc_pl.errors import ConfigError
-from disc_pl.cf.engine import InversionOptions, prior_schedule
+from disc_pl.cf.engine import InversionOptions, PriorFallback, prior_schedule
 from disc_pl.cf.losses import Manifold, Surrogates
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
 from disc_pl.cf.progress import QueryProgress
@@ -37,10 +38,18 @@ from disc_pl.models.fit import build_model, train_model
 from disc_pl.models.loading import load_classifier, load_duq
 from disc_pl.validity import add_validity
 from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
-from disc_pl.utils import to_plain
+from disc_pl.utils import CONF_DIR, to_plain
 from disc_pl.viz import captions_from_rows, save_grid
 
 log = logging.getLogger(__name__)
+
+
+def prior_lambda_sem(prior: DictConfig, space_weight: float) -> float:
+    """The semantic weight lambda1 of a run: ``space.lambda_sem`` times the prior's
+    ``prior.lambda_sem_scale`` (how far a change may go is scaled differently for a deformation
+    than for new pixels; 1 where the prior sets none)."""
+    scale = prior.get("lambda_sem_scale")
+    return float(space_weight) * (1.0 if scale is None else float(scale))
 
 
 def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tuple[InversionOptions, Any]:
@@ -53,7 +62,7 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
     manifold = manifold if manifold is not None else instantiate(cfg.manifold)
     options = InversionOptions(
         **prior_schedule(cfg.prior, inv.steps_per_stage, inv.min_steps),  # lr, stages, recon: the prior's
-        space=space, lambda_sem=space.lambda_sem, lambda_mc=manifold.lambda_mc, gate=gate,
+        space=space, lambda_sem=prior_lambda_sem(cfg.prior, space.lambda_sem), lambda_mc=manifold.lambda_mc, gate=gate,
         lambda_fc=float(inv.lambda_fc), relax=float(inv.relax), target_margin=float(inv.target_margin),
         target_confidence=None if inv.get("target_confidence") is None else float(inv.target_confidence),
         log_every=int(inv.log_every), eot_views=int(inv.get("eot_views", 0)),
@@ -61,6 +70,12 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
         eot_hflip=bool(inv.get("eot_hflip", False)), lambda_palette=float(inv.get("lambda_palette", 0.0)),
         lambda_change_tv=float(inv.get("lambda_change_tv", 0.0)),
         precision=str(inv.get("precision", "32")))
+    fallback = cfg.prior.get("fallback")
+    if fallback is not None:  # its own conf/prior/<name>.yaml, the rest of the options as this prior's
+        fb = OmegaConf.load(Path(CONF_DIR) / "prior" / f"{fallback}.yaml")
+        options = dataclasses.replace(options, fallback=PriorFallback(
+            prior=instantiate(fb.hparams), name=str(fallback),
+            options=dataclasses.replace(options, **prior_schedule(fb, inv.steps_per_stage, inv.min_steps))))
     return options, instantiate(cfg.prior.hparams)
 
 
@@ -182,6 +197,10 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     flipped = [r for r in rows if r["flipped"] and isinstance(r.get("localized"), bool)]  # "" without the gate
     if flipped:
         out["cf/localized_rate"] = sum(r["localized"] for r in flipped) / len(flipped)
+    # share of the flipped counterfactuals made by the fallback prior (prior.fallback)
+    by_fallback = [r for r in rows if r["flipped"] and isinstance(r.get("fallback"), bool)]  # "" without one
+    if by_fallback:
+        out["cf/fallback_rate"] = sum(r["fallback"] for r in by_fallback) / len(by_fallback)
     flipped_rows = [r for r in rows if r["status"] == "flipped"]
     for key in (*FLIPPED_FIGURES, *ALL_FIGURES):
         among = flipped_rows if key in FLIPPED_FIGURES else rows

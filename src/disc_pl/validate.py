@@ -440,6 +440,14 @@ def _check_prior(ch: _Checks) -> None:
     if not isinstance(name, str) or not name:
         ch.add("prior.name", name, "must be the prior's name (a label: tv, dip, inr, ...)")
     ch.number("prior.lr", 0, low_open=True)
+    ch.number("prior.lambda_sem_scale", 0)
+    fallback = ch.get("prior.fallback")
+    if fallback is not ABSENT and fallback is not None:
+        names = sorted(p.stem for p in (CONF_DIR / "prior").glob("*.yaml"))
+        if not (isinstance(fallback, str) and fallback in names and fallback != name):
+            ch.add("prior.fallback", fallback, f"must be null or the name of another prior "
+                   f"({', '.join(n for n in names if n != name)}): the one that takes over the queries "
+                   f"prior={name} cannot flip (e.g. prior=warp prior.fallback=inr)")
     ch.integer("prior.recon.max_steps", 0)
     ch.number("prior.recon.psnr_target", 0, low_open=True)
     ch.number("prior.recon.lr", 0, low_open=True, nullable=True)

@@ -28,6 +28,9 @@ How a batch is optimised (SPEC sections 2-5):
    when its loss becomes non-finite (``diverged``: isolated, the batch goes on).
 4. The best valid iterate (lowest pixel MSE to the query among flipped ones) is kept; a query
    that never flips returns its best attempt (highest target probability), ``not_flipped``.
+5. With ``options.fallback`` (a ``PriorFallback``; not in the paper) the queries still not
+   flipped are optimised again from scratch by a second prior (e.g. a deformation prior, which
+   can only move pixels, falls back to the INR for the queries that need new ones).
 """
 from __future__ import annotations
 
@@ -62,6 +65,18 @@ class Stage:
     # Coarse-to-fine (continuous priors): the generator renders a grid of at most this many
     # pixels per side and its change is enlarged bilinearly to full size (None = full size).
     size: int | None = None
+
+
+@dataclass
+class PriorFallback:
+    """A second prior for the queries the first one does not flip (``prior.fallback``): the
+    generator (a prior name + ``prior_hparams``, or a factory ``(images, seeds) -> Prior``) and
+    the full options of its run (its own lr, stages, reconstruction; the rest as the first's)."""
+
+    prior: str | Callable[[Tensor, Sequence[int]], Prior]
+    options: "InversionOptions"
+    prior_hparams: Mapping | None = None
+    name: str = ""                          # a label for logs
 
 
 @dataclass
@@ -105,9 +120,16 @@ class InversionOptions:
     # Numeric precision (disc_pl.cf.precision): 32 | bf16-mixed | 16-mixed | auto (resolved on
     # the queries' device when the batch starts: bf16-mixed where it computes bf16 natively).
     precision: str = "32"
+    # A second prior for the queries this one does not flip (PriorFallback; None = off). With it,
+    # the gate's own ungated retry (gate.fallback) is left to the fallback prior's run.
+    fallback: PriorFallback | None = None
 
     def __post_init__(self) -> None:
         self.precision = amp.normalize(self.precision)
+        if self.fallback is not None and not isinstance(self.fallback, PriorFallback):
+            raise ValueError(f"inversion fallback must be a PriorFallback or None, got {type(self.fallback).__name__}")
+        if self.fallback is not None and self.fallback.options.fallback is not None:
+            raise ValueError("a fallback prior cannot have a fallback of its own (one level only)")
         checks = {"lr": self.lr > 0, "relax": 0 < self.relax <= 1, "lambda_sem": self.lambda_sem >= 0,
                   "lambda_mc": self.lambda_mc >= 0, "lambda_fc": self.lambda_fc > 0,
                   "recon_steps": self.recon_steps >= 0, "target_margin": 0 <= self.target_margin < 1,
@@ -180,6 +202,7 @@ class CounterfactualBatch:
     seconds: Tensor                # [B] float64 wall time per query (its share of each step it ran)
     losses: dict[str, Tensor] = field(default_factory=dict)  # term -> [B] at the kept iterate
     localized: Tensor | None = None  # [B] bool: the kept image came from the gated search; None: no gate
+    fallback: Tensor | None = None   # [B] bool: the kept image came from the fallback prior; None: none set
     precision: str = "32"          # the precision it ran in (inversion.precision, resolved)
 
 
@@ -434,12 +457,19 @@ def generate_counterfactuals(
     The fallback rebuilds the generator, so it needs ``prior`` by name or as a factory
     ``(images, seeds) -> Prior``; with a ``Prior`` instance the gated result is returned as it is.
 
+    With ``options.fallback`` (a ``PriorFallback``), the queries this prior does not flip are
+    optimised again from scratch by the fallback prior with its own options (its gate and gate
+    fallback included; this prior's ungated retry is skipped), and ``fallback[i]`` says which
+    prior the returned image came from. Each query still depends only on its image, target and
+    seed.
+
     ``objective``: the named, weighted terms to minimise (``disc_pl.cf.objective``); default the
     paper's objective with the coefficients of ``options`` and the ``manifold`` term.
     ``seconds[i]`` is query i's share of the wall time: each step's time is split among the
     queries active in it, set-up evenly (so the batch's wall time is ``seconds.sum()``).
     """
     opts = options or InversionOptions()
+    objective_given = objective
     objective = check_objective(objective if objective is not None else default_objective(opts, manifold))
     images = images.detach()
     B = images.shape[0]
@@ -448,8 +478,26 @@ def generate_counterfactuals(
         raise ValueError(f"{B} images but {targets.shape[0]} targets")
     seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
     pass_ = dict(prior=prior, prior_hparams=prior_hparams, manifold=manifold, objective=objective, on_log=on_log)
+    fb = opts.fallback
+    if fb is not None and opts.gate is not None and opts.gate.fallback:  # the fallback prior's run retries ungated
+        opts = dataclasses.replace(opts, gate=dataclasses.replace(opts.gate, fallback=False), fallback=None)
     out, fit = _invert(classifier, images, targets, seeds, opts, pass_)
     redo = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED]
+    if fb is not None:
+        out.fallback = torch.zeros(B, dtype=torch.bool)
+        if not redo:
+            return out
+        on = torch.tensor(redo).to(images.device)
+        again = generate_counterfactuals(
+            classifier, images[on], targets[on.to(targets.device)], prior=fb.prior, prior_hparams=fb.prior_hparams,
+            manifold=manifold, options=fb.options, objective=None if objective_given is None else objective,
+            seeds=[seeds[i] for i in redo], on_log=on_log)
+        take = _take_better(out, redo, again)
+        out.fallback[take] = True
+        if out.localized is not None:
+            out.localized[take] = (again.localized[_positions(redo, take)] if again.localized is not None
+                                   else False)
+        return out
     if not (opts.gate is not None and opts.gate.fallback and redo and not isinstance(prior, Prior)):
         return out
     rows = torch.tensor(redo)
@@ -457,18 +505,32 @@ def generate_counterfactuals(
     refit = ({k: v[on] for k, v in fit[0].items()}, fit[1][rows.to(fit[1].device)])  # rows = queries
     again, _ = _invert(classifier, images[on], targets[rows.to(targets.device)], [seeds[i] for i in redo],
                        dataclasses.replace(opts, gate=None), pass_, fitted=refit)
-    # The ungated result replaces the gated attempt when it flipped, or when neither flipped
-    # and it came closer (higher target probability).
+    take = _take_better(out, redo, again)
+    out.localized[take] = False
+    return out
+
+
+def _positions(redo: Sequence[int], take: Tensor) -> Tensor:
+    """Where the rows ``take`` (of the whole batch) sit among the redone rows ``redo``."""
+    where = {r: j for j, r in enumerate(redo)}
+    return torch.tensor([where[int(i)] for i in take], dtype=torch.long)
+
+
+def _take_better(out: CounterfactualBatch, redo: Sequence[int], again: CounterfactualBatch) -> Tensor:
+    """Merge a second search over the rows ``redo`` of ``out`` into ``out``: its result replaces
+    the first attempt where it flipped, or where neither flipped and it came closer (higher
+    target probability); steps and seconds of both are counted. Returns the rows replaced."""
+    rows = torch.tensor(list(redo), dtype=torch.long)
     better = torch.tensor([s == FLIPPED or (s == NOT_FLIPPED and float(p) > float(out.target_prob[i]))
-                           for s, p, i in zip(again.status, again.target_prob, redo)])
+                           for s, p, i in zip(again.status, again.target_prob, redo)], dtype=torch.bool)
     take, src = rows[better], torch.arange(len(redo))[better]
     for name in ("images", "target_prob", "prediction", "recon_psnr"):
         getattr(out, name)[take] = getattr(again, name)[src]
     for t, v in out.losses.items():
-        v[take] = again.losses[t][src]
+        if t in again.losses:
+            v[take] = again.losses[t][src]
     for i, j in zip(take.tolist(), src.tolist()):
         out.status[i] = again.status[j]
-    out.localized[take] = False
     out.steps[rows] += again.steps
     out.seconds[rows] += again.seconds
-    return out
+    return take

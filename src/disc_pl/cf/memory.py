@@ -111,12 +111,12 @@ def measure_mb(fn: Callable[[], object], device: torch.device) -> float | None:
 
 def probe_options(options):
     """``options`` cut to one step per stage (and per reconstruction phase), no early stop, no
-    gate fallback: the same tensors as the real run at its largest (full-size, all-groups)
+    gate or prior fallback: the same tensors as the real run at its largest (full-size, all-groups)
     stage, for the price of a few steps."""
     stages = [dataclasses.replace(s, steps=1, min_steps=2) for s in options.stages]
     gate = dataclasses.replace(options.gate, fallback=False) if options.gate is not None else None
     return dataclasses.replace(options, stages=stages, recon_steps=min(options.recon_steps, 1), gate=gate,
-                               log_every=0)
+                               log_every=0, fallback=None)
 
 
 def queries_that_fit(per_query_mb: float, available: float, fraction: float) -> int:
