@@ -48,7 +48,8 @@ def test_prior_fallback_runs_with_the_fallback_priors_own_schedule_and_the_rest_
     fb = options.fallback
     assert fb.name == "inr" and fb.options.fallback is None
     assert fb.options.lr == inr.prior.lr and [s.groups for s in fb.options.stages] == [list(g) for g in inr.prior.stages]
-    assert fb.options.lambda_sem == pytest.approx(0.5 * 0.6) and fb.options.target_confidence == 0.99 and fb.options.gate == options.gate
+    assert fb.options.lambda_sem == pytest.approx(0.5 * 0.6) and fb.options.target_confidence == 0.99
+    assert fb.options.gate == options.gate
     assert type(fb.prior(torch.rand(1, 3, 32, 32), [0])).__name__ == "INRPrior"
     assert type(factory(torch.rand(1, 3, 32, 32), [0])).__name__ == "WarpPrior"
     assert inversion_options(compose_cfg(["prior=warp", "prior.fallback=null"]))[0].fallback is None
