@@ -489,14 +489,13 @@ def generate_counterfactuals(
             return out
         on = torch.tensor(redo).to(images.device)
         again = generate_counterfactuals(
-            classifier, images[on], targets[on.to(targets.device)], prior=fb.prior, prior_hparams=fb.prior_hparams,
-            manifold=manifold, options=fb.options, objective=None if objective_given is None else objective,
+            classifier, images[on], targets[on], prior=fb.prior, prior_hparams=fb.prior_hparams,
+            manifold=manifold, options=fb.options, objective=objective_given,
             seeds=[seeds[i] for i in redo], on_log=on_log)
-        take = _take_better(out, redo, again)
+        take, src = _take_better(out, redo, again)
         out.fallback[take] = True
         if out.localized is not None:
-            out.localized[take] = (again.localized[_positions(redo, take)] if again.localized is not None
-                                   else False)
+            out.localized[take] = again.localized[src] if again.localized is not None else False
         return out
     if not (opts.gate is not None and opts.gate.fallback and redo and not isinstance(prior, Prior)):
         return out
@@ -505,21 +504,17 @@ def generate_counterfactuals(
     refit = ({k: v[on] for k, v in fit[0].items()}, fit[1][rows.to(fit[1].device)])  # rows = queries
     again, _ = _invert(classifier, images[on], targets[rows.to(targets.device)], [seeds[i] for i in redo],
                        dataclasses.replace(opts, gate=None), pass_, fitted=refit)
-    take = _take_better(out, redo, again)
+    take, _ = _take_better(out, redo, again)
     out.localized[take] = False
     return out
 
 
-def _positions(redo: Sequence[int], take: Tensor) -> Tensor:
-    """Where the rows ``take`` (of the whole batch) sit among the redone rows ``redo``."""
-    where = {r: j for j, r in enumerate(redo)}
-    return torch.tensor([where[int(i)] for i in take], dtype=torch.long)
-
-
-def _take_better(out: CounterfactualBatch, redo: Sequence[int], again: CounterfactualBatch) -> Tensor:
+def _take_better(out: CounterfactualBatch, redo: Sequence[int],
+                 again: CounterfactualBatch) -> tuple[Tensor, Tensor]:
     """Merge a second search over the rows ``redo`` of ``out`` into ``out``: its result replaces
     the first attempt where it flipped, or where neither flipped and it came closer (higher
-    target probability); steps and seconds of both are counted. Returns the rows replaced."""
+    target probability); steps and seconds of both are counted. Returns the rows replaced (of
+    ``out``) and where they are in ``again``."""
     rows = torch.tensor(list(redo), dtype=torch.long)
     better = torch.tensor([s == FLIPPED or (s == NOT_FLIPPED and float(p) > float(out.target_prob[i]))
                            for s, p, i in zip(again.status, again.target_prob, redo)], dtype=torch.bool)
@@ -533,4 +528,4 @@ def _take_better(out: CounterfactualBatch, redo: Sequence[int], again: Counterfa
         out.status[i] = again.status[j]
     out.steps[rows] += again.steps
     out.seconds[rows] += again.seconds
-    return take
+    return take, src
