@@ -180,6 +180,9 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
 # best attempt, or a diverged query returned as itself with mse 0, is no counterfactual).
 FLIPPED_FIGURES = ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob", "recon_psnr",
                    "cout", "gt_recovery")
+# Also their median: a ratio whose mean a few queries with a tiny true change (|x - x_gt| near 0)
+# can dominate.
+MEDIAN_FIGURES = ("gt_recovery",)
 # Cost and starting point: over every query (the work was spent on all of them).
 ALL_FIGURES = ("initial_prob", "steps", "seconds")
 
@@ -208,6 +211,8 @@ def summarize(rows: list[dict]) -> dict[str, float]:
         if vals:
             out[f"cf/{key}"] = statistics.fmean(vals)
             out[f"cf/{key}_std"] = statistics.pstdev(vals)
+            if key in MEDIAN_FIGURES:
+                out[f"cf/{key}_median"] = statistics.median(vals)
     return out
 
 
