@@ -17,23 +17,41 @@ Rendering is vectorised over a batch of parameter sets (tensors ``[n, H, W]`` or
 ``[n, 3, H, W]``); every element is drawn with a compact-support anti-aliased coverage, so
 outside the mouth stroke of either smile amount, image and counterfactual agree exactly. Splits
 are rendered once in ``setup()`` and kept in memory as uint8 (like 8-bit image files).
+
+A planted shortcut (``dataset.shortcut``, issue 28) asks whether a classifier cheats: with
+``kind=mark`` a small magenta square is drawn at a fixed place (top right, after the mouth,
+before lighting and noise), on a smiling train / val face with probability ``rate`` and on a
+non-smiling one with probability ``1 - rate`` (1.0: the cue alone predicts the label; 0.5: it is
+independent of it). Test faces never carry it, so the (non-smiling) queries are clean and a
+counterfactual can add it. The mark has an exact mask (``cue_mask``; pixels outside it are those
+of the clean face, bit for bit) and ``with_cue`` re-renders any face with or without it, which
+is how :mod:`disc_pl.metrics.shortcut` measures reliance. The faces themselves are the clean
+ones: the cue is assigned from its own random stream. ``kind=null`` (the default) draws nothing.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from disc_pl.errors import ConfigError
+from disc_pl.errors import MISSING, ConfigError, is_number, require
 
 from .base import ImageDataModule, as_index_tensor, derived_seed
 
 #: Bump when the renderer changes, so cached models trained on older faces are not reused.
 RENDER_VERSION = 1
+#: Bump when the planted cue's look changes (part of the fingerprint of shortcut datasets only).
+CUE_VERSION = 1
+SHORTCUT_KINDS = ("mark",)
+CUE_CLASS = 1  # the class the cue co-occurs with in training (smiling)
+# The mark: a filled square, centre and half side in image coordinates ([-1, 1]; 1/8 of the
+# side: 4 px at 32 px), off-grid so its edges are anti-aliased; a colour no face element has.
+MARK_CENTRE, MARK_HALF, MARK_RGB = (0.72, -0.72), 0.125, (1.0, 0.0, 1.0)
+_CUE_STREAM = 11  # derived-seed stream of the cue assignment: the faces' own streams stay untouched
 CLASS_NAMES = ["not_smiling", "smiling"]
 _SPLIT_STREAM = {"train": 1, "val": 2, "test": 3}
 _NOISE_BANK = 64  # fixed noise fields, shifted per image
@@ -167,6 +185,17 @@ def _mouth_alpha(u, v, p: FaceParams, smile: torch.Tensor, ppu) -> torch.Tensor:
     return _band(dv.mul_(dv).add_(du * du), (half_t - half_px).clamp_min(0.0), half_t + half_px)
 
 
+@functools.lru_cache(maxsize=8)
+def cue_alpha(size: int) -> torch.Tensor:
+    """[1, H, W] coverage of the planted mark: a square with a 1-pixel anti-aliased edge
+    (compact support: exactly 0 from half a pixel outside), the same on every image."""
+    px = 2.0 / size
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) * px - 1.0
+    ax = _ramp(((coords - MARK_CENTRE[0]).abs() - MARK_HALF) / px).view(1, 1, size)
+    ay = _ramp(((coords - MARK_CENTRE[1]).abs() - MARK_HALF) / px).view(1, size, 1)
+    return torch.minimum(ax, ay)
+
+
 def _render_chunk(p: FaceParams, smile: torch.Tensor, size: int) -> torch.Tensor:
     n = smile.shape[0]
     px = 2.0 / size
@@ -214,6 +243,8 @@ def _render_chunk(p: FaceParams, smile: torch.Tensor, size: int) -> torch.Tensor
 
     # the mouth: the only label-dependent element (compact support through _band)
     img.lerp_(rgb(p["mouth_rgb"]), _mouth_alpha(u, v, p, smile, ppu)[:, None])
+    if "cue" in p:  # the planted shortcut (coverage exactly 0 off the mark, and on faces without it)
+        img.lerp_(torch.tensor(MARK_RGB).view(1, 3, 1, 1), (cue_alpha(size) * p["cue"].view(n, 1, 1))[:, None])
 
     # global lighting gradient and per-pixel noise act identically on image and counterfactual
     ld = p["light_dir"]
@@ -228,7 +259,8 @@ def render_faces(params: FaceParams, smile: torch.Tensor, image_size: int = 32,
                  as_uint8: bool = False) -> torch.Tensor:
     """Render faces: ``params`` (from :func:`sample_params`, n rows) and smile amounts [n]
     -> images [n, 3, image_size, image_size]: float in [0, 1], or uint8 (rounded, as an 8-bit
-    image file stores them) with ``as_uint8``. Each image depends only on its own row.
+    image file stores them) with ``as_uint8``. Each image depends only on its own row. An
+    optional ``params["cue"]`` (float [n], 1 = present) draws the planted mark.
 
     Work is done in small chunks of images: each op then stays below torch's intra-op
     parallel grain, which on a busy few-core machine is >10x faster than threading tiny ops.
@@ -290,6 +322,19 @@ class SyntheticFaceDataset(Dataset):
         again, flipped = both.chunk(2)
         return torch.where(again != flipped, flipped, self.images[idx])
 
+    def with_cue(self, idx: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """uint8 [k, 3, H, W]: rows ``idx`` re-rendered with the planted mark on where
+        ``present`` (bool [k]) and off elsewhere, bit for bit the stored image outside the
+        mark (the same re-render trick as :meth:`counterfactuals`)."""
+        p = take_params(self.params, idx)
+        stored = p.get("cue", torch.zeros(len(idx)))
+        smile = self.smile[idx]
+        both = render_faces({**{k: torch.cat([v, v]) for k, v in p.items()},
+                             "cue": torch.cat([stored, present.float()])},
+                            torch.cat([smile, smile]), self.image_size, as_uint8=True)
+        again, changed = both.chunk(2)
+        return torch.where(again != changed, changed, self.images[idx])
+
 
 class SyntheticFacesDataModule(ImageDataModule):
     """Procedural faces, label "smiling" decided by the mouth alone, with ground truth.
@@ -299,15 +344,19 @@ class SyntheticFacesDataModule(ImageDataModule):
         n_train, n_val, n_test: split sizes. seed: base seed; splits use disjoint derived streams.
         hard_fraction: share of faces with a smile amount near the boundary (|s| in [0.1, 0.3]).
         mask_dilation: pixels by which ground-truth masks are grown around the changed pixels.
+        shortcut: the planted cue, ``{"kind": null | "mark", "rate": p}`` (module docstring);
+            None or kind null: none.
         batch_size, num_workers, default_query_source, default_query_target: see base class.
     """
 
     has_ground_truth = True
     judge_split = "seed"  # the judges train on faces of another dataset seed (disc_pl.models.judge)
+    cue_class = CUE_CLASS  # the class a planted cue co-occurs with in training
 
     def __init__(self, name: str = "synthetic_faces", image_size: int = 32, n_train: int = 4000,
                  n_val: int = 500, n_test: int = 1000, seed: int = 0, hard_fraction: float = 0.1,
-                 mask_dilation: int = 1, batch_size: int = 128, num_workers: int = 0,
+                 mask_dilation: int = 1, shortcut: Mapping[str, Any] | None = None,
+                 batch_size: int = 128, num_workers: int = 0,
                  default_query_source: str | int | None = "not_smiling",
                  default_query_target: str | int | None = "smiling") -> None:
         super().__init__(name, image_size, batch_size, num_workers, default_query_source,
@@ -321,19 +370,41 @@ class SyntheticFacesDataModule(ImageDataModule):
             raise ConfigError.one("dataset.hard_fraction", hard_fraction, "must be in [0, 1]")
         self.sizes, self.seed = sizes, int(seed)
         self.hard_fraction, self.mask_dilation = float(hard_fraction), int(mask_dilation)
+        self.shortcut_kind, self.shortcut_rate = check_shortcut(shortcut)
         self._class_names = list(CLASS_NAMES)  # known before setup
+
+    @property
+    def has_shortcut(self) -> bool:
+        """Whether a cue is planted (``dataset.shortcut.kind`` set)."""
+        return self.shortcut_kind is not None
+
+    def _cue_presence(self, split: str, labels: torch.Tensor) -> torch.Tensor:
+        """float [n] 0/1: which faces of ``split`` carry the cue. train / val: P(cue | class
+        CUE_CLASS) = rate, P(cue | other class) = 1 - rate; test: none (clean queries)."""
+        if split == "test":
+            return torch.zeros(len(labels))
+        g = torch.Generator().manual_seed(derived_seed(self.seed, _SPLIT_STREAM[split], _CUE_STREAM))
+        u = torch.rand(len(labels), generator=g)
+        p = torch.where(labels == CUE_CLASS, self.shortcut_rate, 1.0 - self.shortcut_rate)
+        return (u < p).float()
 
     def _load_splits(self) -> tuple[list[str], dict[str, Dataset]]:
         splits = {}
         for split, n in self.sizes.items():
             g = torch.Generator().manual_seed(derived_seed(self.seed, _SPLIT_STREAM[split]))
             params = sample_params(n, g)
-            splits[split] = SyntheticFaceDataset(params, sample_smile(n, g, self.hard_fraction), self.image_size)
+            smile = sample_smile(n, g, self.hard_fraction)
+            if self.has_shortcut:
+                params["cue"] = self._cue_presence(split, (smile > 0).long())
+            splits[split] = SyntheticFaceDataset(params, smile, self.image_size)
         return list(CLASS_NAMES), splits
 
     def _fingerprint_args(self) -> dict[str, Any]:
-        return {"render_version": RENDER_VERSION, "seed": self.seed, "hard_fraction": self.hard_fraction,
-                **{f"n_{k}": v for k, v in self.sizes.items()}}
+        out = {"render_version": RENDER_VERSION, "seed": self.seed, "hard_fraction": self.hard_fraction,
+               **{f"n_{k}": v for k, v in self.sizes.items()}}
+        if self.has_shortcut:  # only then: clean datasets keep the keys (and cached models) they had
+            out["shortcut"] = {"kind": self.shortcut_kind, "rate": self.shortcut_rate, "cue_version": CUE_VERSION}
+        return out
 
     def ground_truth(self, split: str, indices: Sequence[int] | torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,3 +417,53 @@ class SyntheticFacesDataModule(ImageDataModule):
         cf = ds.counterfactuals(idx)
         masks = attribute_mask(ds.images[idx], cf, self.mask_dilation)
         return cf.float() / 255.0, masks
+
+    def cue_mask(self, dilation: int | None = None) -> torch.Tensor:
+        """bool [1, 1, H, W]: where the planted mark can change a pixel (its coverage > 0),
+        grown by ``dilation`` pixels (default ``mask_dilation``, as the attribute masks). The
+        same place on every image, defined whether or not a cue is planted (to measure a clean
+        classifier's counterfactuals on it too)."""
+        mask = cue_alpha(self.image_size)[None] > 0
+        return attribute_mask(mask.float(), torch.zeros_like(mask, dtype=torch.float32),
+                              self.mask_dilation if dilation is None else int(dilation))
+
+    def cue_present(self, split: str) -> torch.Tensor:
+        """bool [N]: which images of ``split`` carry the cue (all False without a shortcut)."""
+        ds = self._faces(split)
+        return ds.params["cue"].bool() if "cue" in ds.params else torch.zeros(len(ds), dtype=torch.bool)
+
+    def with_cue(self, split: str, indices: Sequence[int] | torch.Tensor, present: bool | torch.Tensor
+                 ) -> torch.Tensor:
+        """float [N, 3, H, W] in [0, 1]: the images ``indices`` of ``split`` re-rendered with the
+        mark where ``present`` (one bool, or bool [N]) and without it elsewhere; outside the
+        mark's mask identical to the stored images."""
+        ds = self._faces(split)
+        idx = as_index_tensor(indices, len(ds), split)
+        flags = torch.as_tensor(present, dtype=torch.bool).expand(len(idx))
+        return ds.with_cue(idx, flags).float() / 255.0
+
+    def _faces(self, split: str) -> SyntheticFaceDataset:
+        ds = self.dataset(split)
+        if not isinstance(ds, SyntheticFaceDataset):  # a judge / explained part of train (IndexedSubset)
+            raise ValueError(f"split {split!r} is a subset of the faces; cue access works on whole splits "
+                             "(dataset.judge_fraction=0)")
+        return ds
+
+
+def check_shortcut(shortcut: Mapping[str, Any] | None) -> tuple[str | None, float]:
+    """(kind, rate) of ``dataset.shortcut``, or one ConfigError naming every bad key."""
+    if shortcut is None:
+        return None, 0.5
+    if not isinstance(shortcut, Mapping):
+        raise ConfigError.one("dataset.shortcut", shortcut, "a mapping {kind: null|mark, rate: 0..1} (or null)")
+    kind, rate = shortcut.get("kind"), shortcut.get("rate", MISSING)
+    unknown = sorted(set(shortcut) - {"kind", "rate"})
+    require("dataset.shortcut", [
+        *((k, shortcut[k], False, "unknown key (a typo?); keys of dataset.shortcut: kind, rate") for k in unknown),
+        ("kind", kind, kind is None or kind in SHORTCUT_KINDS,
+         f"one of null (no cue), {', '.join(SHORTCUT_KINDS)} (a small square at a fixed place)"),
+        ("rate", rate, (kind is None and rate is MISSING) or (is_number(rate) and 0.0 <= rate <= 1.0),
+         "a probability in [0, 1]: how often the cue co-occurs with the smiling class in training "
+         "(1.0: always, 0.5: independent of the label)"),
+    ])
+    return (None if kind is None else str(kind)), (0.5 if rate is MISSING else float(rate))
