@@ -9,6 +9,8 @@ Used by the entry points (``run.py``, ``train.py``):
   with its files under the job's output directory.
 * :func:`log_job_outputs` sends a finished run's figures to the logger: summary metrics, and on
   W&B the image grid (``wandb.Image``) and the per-query results (``wandb.Table``).
+* :func:`tracked_figure` (run, evaluate) ends the console with the job's summary
+  (``disc_pl.console``); :func:`tracked_job` keeps third-party noise off it unless ``debug=true``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from disc_pl import console
 from disc_pl.allocator import retained_heap
 from disc_pl.utils import configure_matmul_precision, to_plain
 
@@ -95,6 +98,7 @@ def tracked_job(cfg: DictConfig) -> Iterator[None]:
                  hydra_cfg.job.override_dirname or "no overrides", hydra_cfg.runtime.output_dir,
                  torch.get_num_threads())
     failed = True
+    allocator.enter_context(console.quiet(bool(cfg.get("debug", False))))  # until after wandb.finish()
     try:
         yield
         failed = False
@@ -108,7 +112,7 @@ def tracked_job(cfg: DictConfig) -> Iterator[None]:
     finally:
         finish_wandb(exit_code=1 if failed else 0)
         torch.set_num_threads(previous)  # the next job of a sequential sweep decides its own
-        allocator.close()  # glibc's defaults again; the kept memory goes back to the system
+        allocator.close()  # glibc's defaults again (the kept memory goes back to the system); the noise back on
 
 
 def build_logger(logger_cfg: DictConfig | None, out_dir: str | Path, default_group: str | None = None) -> Any:
@@ -128,7 +132,14 @@ def build_logger(logger_cfg: DictConfig | None, out_dir: str | Path, default_gro
     if "name" in logger_cfg and logger_cfg.name is None:
         kwargs["name"] = Path(out_dir).name
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return instantiate(logger_cfg, **kwargs)
+    logger = instantiate(logger_cfg, **kwargs)
+    from pytorch_lightning.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+        # Lightning always passes wandb.init an `anonymous` argument, which wandb deprecated and
+        # warns about (before it reads WANDB_SILENT); unset, it means nothing: leave it out.
+        logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def loggable_config(cfg: DictConfig) -> dict[str, Any]:
@@ -200,4 +211,18 @@ def tracked_figure(cfg: DictConfig, job: Callable[[DictConfig], dict], figure: s
     Hydra entry point's ``main`` returns (the sweep's objective)."""
     with tracked_job(cfg):  # thread limit, sweep job index, wandb.finish() even on errors
         metrics = job(cfg)
+    print_summary(metrics)  # every logger has finished: these are the last lines of the console
     return float(metrics.get(figure, float("nan")))
+
+
+def print_summary(metrics: Mapping[str, Any], out_dir: str | Path | None = None) -> None:
+    """The job's summary (``console.summary``) on stdout, from rank 0 only (the other ranks of a
+    DDP job return no metrics); ``out_dir``: the Hydra job's output directory unless given."""
+    if not metrics or pl.utilities.rank_zero_only.rank != 0:
+        return
+    if out_dir is None and _hydra() is not None:
+        out_dir = _hydra().runtime.output_dir
+    text = console.summary(metrics, out_dir)
+    if text:
+        sys.stderr.flush()  # log lines written before it stay before it
+        print(text, flush=True)

@@ -408,6 +408,12 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
                 stats = {f"cf/loss_{t}": float(v.mean()) for t, v in terms.items() if v.numel()}
                 stats.update({"cf/stage": k, "cf/active": int(active.sum()),
                               "cf/lambda_sem": opts.lambda_sem * opts.relax ** k})
+                # where the pass stands, for progress (disc_pl.cf.progress): flipped = at the margin now or kept
+                flipped = valid_found.clone()
+                flipped[idx[is_flipped(logits, targets[idx], opts.target_margin)]] = True
+                stats.update({"cf/stages": len(opts.stages), "cf/step": it + 1, "cf/stage_steps": stage.steps,
+                              "cf/global_step": global_step, "cf/pass_queries": B, "cf/flipped": int(flipped.sum()),
+                              "cf/steps_left": stage.steps - it - 1 + sum(s.steps for s in opts.stages[k + 1:])})
                 on_log(stats)
             seconds[ran.cpu()] += (time.perf_counter() - t_step) / ran.numel()
 

@@ -143,6 +143,12 @@ class InversionModule(pl.LightningModule):
         self._log_step += 1
         if self.logger is not None:
             self.logger.log_metrics(stats, step=self._log_step)
+        # Lightning calls callbacks per batch only; a batch optimises for minutes, so callbacks
+        # that define on_inversion_step (QueryProgress) also hear of every logged step.
+        trainer = self._trainer
+        for callback in (trainer.callbacks if trainer is not None else ()):
+            if hasattr(callback, "on_inversion_step"):
+                callback.on_inversion_step(trainer, self, stats)
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict:
         if torch.is_inference_mode_enabled():
