@@ -46,6 +46,8 @@ def test_summary_says_flip_rate_time_and_the_files_that_exist(tmp_path):
     assert "judges agree    0.830 ± 0.020  (target prob 0.800 ± 0.050; 3 judges' clean accuracy 0.950; " \
            "on the unchanged queries 0.000)" in judged.splitlines()
     assert judged.splitlines()[-1].endswith(str(tmp_path / "report.html"))
+    robust = console.summary({**JUDGED, "cf/judge_robust_flip_rate": 0.25, "cf/judge_robust_target_prob": 0.3}, None)
+    assert "robust judges   0.250  (target prob 0.300)" in robust.splitlines()  # another panel of judges
 
 
 def test_summary_of_an_evaluation_and_of_nothing(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -102,6 +103,12 @@ def summary(metrics: Mapping[str, Any], out_dir: str | Path | None) -> str:
         if "judge/query_flip_rate" in metrics:
             parts.append(f"on the unchanged queries {_figure(metrics['judge/query_flip_rate'])}")
         lines.append(f"judges agree    {_spread(metrics, 'cf/judge_flip_rate')}  ({'; '.join(parts)})")
+    for key in sorted(metrics):  # other panels of judges (cf/judge_<panel>_flip_rate), e.g. robust ones
+        panel = re.fullmatch(r"cf/judge_(\w+?)_flip_rate", key)
+        if panel:
+            name = f"{panel.group(1).replace('_', ' ')} judges"
+            lines.append(f"{name:<15} {_spread(metrics, key)}  "
+                         f"(target prob {_spread(metrics, f'cf/judge_{panel.group(1)}_target_prob')})")
     if "cd/mean" in metrics:
         lines.append(f"discrepancy     {_figure(metrics['cd/mean'])} ± {_figure(metrics.get('cd/std'))}  "
                      f"(classifier accuracy real {_figure(metrics.get('cd/acc_real'))}, "
