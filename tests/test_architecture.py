@@ -14,7 +14,7 @@ LAYERS = [
     {"cf"},
     {"models"},
     {"validate"},
-    {"job", "validity"},
+    {"job", "validity", "shortcut"},
     {"run", "train", "evaluate", "report", "bench", "cli"},
 ]
 

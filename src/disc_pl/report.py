@@ -37,13 +37,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from disc_pl.errors import UsageError
 from disc_pl.figures import save_method_grid, save_scatter
-from disc_pl.report_html import write_html
+from disc_pl.metrics.shortcut import KEYS as CUE_FIGURES
+from disc_pl.report_html import change_split, write_html
 
 PRIOR_NAMES = {"tv": "TV+L2", "dip": "DIP", "inr": "INR", "warp": "Warp"}
 # Sort order of the table rows: the paper's (ISO before LSO, weak prior first, DEP last).
 ORDER = {"space": ["iso", "lso"], "prior": ["tv", "dip", "inr", "warp"], "manifold": ["none", "duq", "dep"]}
 NAMED_KEYS = {"prior", "prior.fallback", "manifold", "space", "seed", "query.corruption.name", "query.corruption.severity"}
-QUERY_FIGURES = ("mse", "concentration", "in_mask", "cout", "gt_recovery")
+QUERY_FIGURES = ("mse", "concentration", "in_mask", "cout", "gt_recovery", *CUE_FIGURES)
 COLUMNS = [  # (header, key in the method's stats)
     ("MSE", "mse"), ("Conc.", "concentration"), ("CD", "cd"), ("flip rate", "flip_rate"),
     ("in-mask", "in_mask"), ("localized", "localized"), ("judge", "judge_flip_rate"), ("COUT", "cout"),
@@ -212,7 +213,7 @@ def reference_stats(jobs: Sequence[Job]) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {"method": name, "jobs": len(found),
                                "queries": sum(int(m.get("cf/queries", 0)) for m in found)}
-        for _, key in COLUMNS:
+        for key in [k for _, k in COLUMNS] + [k for k in CUE_FIGURES if f"{prefix}{k}" in found[0]]:
             vals = [float(m[f"{prefix}{key}"]) for m in found if m.get(f"{prefix}{key}") is not None]
             row[key] = (_mean_std(vals) if len(vals) > 1 else (vals[0], float(found[0].get(f"{prefix}{key}_std", math.nan)))
                         if vals else (math.nan, math.nan))
@@ -270,8 +271,29 @@ def write_markdown(path: Path, root: Path, stats: Sequence[dict[str, Any]], figu
         parts += [f"CD references (same recipe and seeds): ground-truth counterfactuals "
                   f"{fmt(*s['cd_gt'])} (the best achievable), identity X1' = X0 {fmt(*s['cd_identity'])} "
                   f"(the worst); Acc(F; test) = {fmt(s['cd_acc_real'])}.", ""]
+    parts += where_markdown(stats)
     parts += [f"![{name}]({p.name})" for name, p in figures.items()]
     path.write_text("\n".join(parts) + "\n")
+
+
+def where_markdown(stats: Sequence[dict[str, Any]], width: int = 20) -> list[str]:
+    """"Where the change went" (mouth / planted cue / elsewhere) as a text bar per method with
+    ``in_mask`` or ``on_cue`` (report_html.change_split); [] when none has."""
+    lines = []
+    for s in stats:
+        parts = change_split(s)
+        if parts is None:
+            continue
+        marks = {"mouth": "M", "cue": "C", "elsewhere": "."}
+        bar = "".join(marks[label] * round(width * share) for label, share, _ in parts)[:width].ljust(width, ".")
+        lines.append(f"| {s['method']} | `{bar}` | " + ", ".join(f"{label} {share:.2f}" for label, share, _ in parts)
+                     + " |")
+    if not lines:
+        return []
+    return ["## Where the change went", "",
+            "Share of sum |x' - x| per region, mean over the flipped queries: M = the mouth (in-mask), "
+            "C = the planted cue (on-cue, `dataset.shortcut`), . = elsewhere.", "",
+            "| Method | change | shares |", "|---|---|---|", *lines, ""]
 
 
 def write_csv(path: Path, stats: Sequence[dict[str, Any]]) -> None:

@@ -8,7 +8,9 @@
 - per query: the query and, side by side, each method's counterfactual and change heatmap,
   with its status, target probability and (when the results have one) the judge's verdict;
   every heatmap of the page shares one scale (colour bar with its maximum);
-- checkboxes filter the counterfactuals by status (``flipped``, ``not_flipped``, ``diverged``, ...).
+- checkboxes filter the counterfactuals by status (``flipped``, ``not_flipped``, ``diverged``, ...);
+- where the results have ``in_mask`` / ``on_cue``: where the change went (mouth / planted cue /
+  elsewhere), one stacked bar per method.
 
 Images are embedded as PNG data URIs at their own resolution and shown at >= 96 px with
 nearest-neighbour scaling (CSS ``image-rendering: pixelated``), so the page stays small.
@@ -144,6 +146,46 @@ def query_sections(methods: Sequence[tuple[str, Sequence[Path]]], max_queries: i
             list(statuses), vmax)
 
 
+# Where the change went (issue 28): (label, stats key, colour); "elsewhere" is the rest.
+WHERE = (("mouth", "in_mask", "#2ca02c"), ("cue", "on_cue", "#c000c0"))
+ELSEWHERE_COLOUR = "#bbbbbb"
+
+
+def change_split(s: Mapping[str, Any]) -> list[tuple[str, float, str]] | None:
+    """[(label, share, colour)] of a statistics row's mean change: the mouth (``in_mask``), the
+    planted cue (``on_cue``) where the row has them, elsewhere the rest (the two masks are
+    disjoint, so per query and in the mean the parts sum to 1); None with neither."""
+    parts = []
+    for label, key, colour in WHERE:
+        v = s.get(key)
+        share = _number(v[0] if isinstance(v, (tuple, list)) else v)
+        if share is not None:
+            parts.append((label, share, colour))
+    if not parts:
+        return None
+    return parts + [("elsewhere", max(0.0, 1.0 - sum(p for _, p, _ in parts)), ELSEWHERE_COLOUR)]
+
+
+def where_bars(stats: Sequence[Mapping[str, Any]]) -> str:
+    """One stacked bar per row with :func:`change_split` (HTML / CSS only); "" when none has."""
+    bars = []
+    for s in stats:
+        parts = change_split(s)
+        if parts is None:
+            continue
+        spans = "".join(f'<span style="width:{100 * share:.1f}%;background:{colour}" '
+                        f'title="{label} {share:.3g}"></span>' for label, share, colour in parts)
+        text = ", ".join(f"{label} {share:.2f}" for label, share, _ in parts)
+        bars.append(f'<tr><td class="name">{html.escape(str(s.get("method", "?")))}</td>'
+                    f'<td><div class="bar">{spans}</div></td><td>{html.escape(text)}</td></tr>')
+    if not bars:
+        return ""
+    legend = " ".join(f'<span class="key" style="background:{c}"></span>{label}'
+                      for label, _, c in (*WHERE, ("elsewhere", "", ELSEWHERE_COLOUR)))
+    return ('<h2>Where the change went</h2><p>Share of sum |x\' - x| per region, mean over the flipped '
+            f"queries: {legend}</p>\n" + '<table class="where"><tbody>' + "\n".join(bars) + "</tbody></table>")
+
+
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -155,6 +197,10 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-a
 #queries img { image-rendering: pixelated; image-rendering: crisp-edges; margin: 1px; }
 .cap { font-size: 11px; line-height: 1.3; }
 .hidden { display: none; }
+.where td.name { text-align: left; }
+.bar { display: flex; width: 300px; height: 14px; border: 1px solid #999; }
+.bar span { display: block; height: 100%; }
+.key { display: inline-block; width: 12px; height: 12px; margin: 0 3px 0 10px; vertical-align: middle; }
 td.cf.off > * { visibility: hidden; }
 #filters label { margin-right: 1em; }
 """
@@ -237,6 +283,7 @@ def write_html(path: Path, title: str, stats: Sequence[Mapping[str, Any]],
 <p>Click a column header to sort (again to reverse). Mean ± population std.</p>
 {method_table(stats, columns)}
 {"".join(f"<p>{html.escape(n)}</p>" for n in notes)}
+{where_bars(stats)}
 <h2>Counterfactuals</h2>
 <div id="filters">Show status: {filters}</div>
 <p><img src="{bar}" alt="change colour bar" style="vertical-align: middle"> every change heatmap on this page

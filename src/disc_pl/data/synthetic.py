@@ -361,6 +361,9 @@ class SyntheticFacesDataModule(ImageDataModule):
                  default_query_target: str | int | None = "smiling") -> None:
         super().__init__(name, image_size, batch_size, num_workers, default_query_source,
                          default_query_target, channels=3)
+        self.shortcut_kind, self.shortcut_rate = check_shortcut(shortcut)
+        # plain values in the hparams (a checkpoint stores them; a DictConfig would not load weights_only)
+        shortcut = None if shortcut is None else {"kind": self.shortcut_kind, "rate": self.shortcut_rate}
         self.save_hyperparameters()
         sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
         if min(sizes.values()) < 2:
@@ -370,7 +373,6 @@ class SyntheticFacesDataModule(ImageDataModule):
             raise ConfigError.one("dataset.hard_fraction", hard_fraction, "must be in [0, 1]")
         self.sizes, self.seed = sizes, int(seed)
         self.hard_fraction, self.mask_dilation = float(hard_fraction), int(mask_dilation)
-        self.shortcut_kind, self.shortcut_rate = check_shortcut(shortcut)
         self._class_names = list(CLASS_NAMES)  # known before setup
 
     @property

@@ -22,28 +22,17 @@ puts it on or takes it off any face. Two kinds of figures follow:
   ``cue_corr`` = cosine between x' - x and the rendered cue's own change inside the mask (1: the
   mark itself was drawn; 0: no change there), whether what is drawn looks like the cue.
 
-:func:`add_shortcut_figures` is the one call of ``disc_pl.job.run`` (after the validity figures):
-on a dataset with a planted cue, or with ``evaluate.shortcut=true`` (the clean arm of
-``experiment=shortcut``: a classifier trained without the cue, measured on the same region),
-it adds ``on_cue`` / ``cue_added`` / ``cue_corr`` to the rows and returns ``shortcut/*``,
-``cf/on_cue``, ``cf/cue_added``, ``cf/cue_corr`` (over the flipped queries, as every quality
-figure) and, with the reference rows on, ``reference/{pgd,gt}/{on_cue,cue_added,in_mask}``.
+The job-level call that adds them to a run (rows, ``cf/*``, reference rows) is
+:func:`disc_pl.shortcut.add_shortcut_figures`.
 """
 from __future__ import annotations
 
-import logging
-import statistics
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from disc_pl.cf.engine import is_flipped
-from disc_pl.errors import ConfigError
 from disc_pl.metrics import functional as FM
-
-log = logging.getLogger(__name__)
 
 KEYS = ("on_cue", "cue_added", "cue_corr")  # per-query columns of results.csv
 
@@ -100,11 +89,12 @@ def on_cue(x: Tensor, x_cf: Tensor, mask: Tensor) -> Tensor:
 def cue_added(classifier: nn.Module, x: Tensor, x_cf: Tensor, mask: Tensor, target: int,
               margin: float = 0.0) -> Tensor:
     """bool [B]: the classifier's verdict (target, with ``margin``) on the query with only the
-    counterfactual's pixels inside ``mask`` pasted in."""
+    counterfactual's pixels inside ``mask`` pasted in (the run's success criterion:
+    ``disc_pl.cf.engine.is_flipped`` is the same test)."""
     pasted = torch.where(mask, x_cf, x)
     with torch.no_grad():
         logits = torch.cat([classifier(pasted[i:i + 256]) for i in range(0, len(pasted), 256)])
-    return is_flipped(logits, torch.full((len(x),), int(target), dtype=torch.long), float(margin))
+    return FM.flipped(logits, int(target), float(margin))
 
 
 def cue_corr(x: Tensor, x_cf: Tensor, cue_change: Tensor, mask: Tensor) -> Tensor:
@@ -121,75 +111,3 @@ def cue_figures(classifier: nn.Module, x: Tensor, x_cf: Tensor, cue_change: Tens
     """``{on_cue, cue_added, cue_corr}`` [B] each (module docstring)."""
     return {"on_cue": on_cue(x, x_cf, mask), "cue_added": cue_added(classifier, x, x_cf, mask, target, margin),
             "cue_corr": cue_corr(x, x_cf, cue_change, mask)}
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v == v]
-    return (statistics.fmean(values), statistics.pstdev(values)) if values else (float("nan"), float("nan"))
-
-
-def wanted(cfg: DictConfig, dm: Any) -> bool:
-    """Shortcut figures for this run: the dataset plants a cue, or ``evaluate.shortcut=true``
-    (which then needs a dataset that can draw one)."""
-    asked = bool(OmegaConf.select(cfg, "evaluate.shortcut", default=False))
-    if asked and not hasattr(dm, "cue_mask"):
-        raise ConfigError.one("evaluate.shortcut", True, f"dataset {dm.name!r} has no cue to measure; "
-                              "use dataset=synthetic_faces or evaluate.shortcut=false")
-    return bool(getattr(dm, "has_shortcut", False)) or asked
-
-
-def add_shortcut_figures(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dict],
-                         tensors: dict[str, Tensor], indices: list[int], target: int) -> dict[str, Any]:
-    """Adds ``on_cue``, ``cue_added``, ``cue_corr`` to ``rows`` (in place) and returns the
-    ``shortcut/*``, ``cf/*`` and reference figures (module docstring); {} when not
-    :func:`wanted`."""
-    if not wanted(cfg, dm):
-        return {}
-    mask = dm.cue_mask()
-    metrics: dict[str, Any] = {**reliance(classifier, dm), "shortcut/cue_area_share": float(mask.float().mean())}
-    if "query_id" not in tensors or not rows:
-        return metrics
-    keep = torch.isin(tensors["query_id"], torch.tensor(indices))
-    ids = tensors["query_id"][keep].tolist()
-    x, x_cf = tensors["query"][keep].float(), tensors["counterfactual"][keep].float()
-    split, margin = cfg.query.split, float(cfg.inversion.target_margin)
-    cue_change = dm.with_cue(split, ids, True) - dm.with_cue(split, ids, False)
-    figs = cue_figures(classifier, x, x_cf, cue_change, mask, target, margin)
-    by_id = {int(r["query_id"]): r for r in rows}
-    for n, qid in enumerate(ids):
-        by_id[qid].update({"on_cue": float(figs["on_cue"][n]), "cue_added": float(figs["cue_added"][n]),
-                           "cue_corr": float(figs["cue_corr"][n])})
-    flipped = [r for r in rows if r.get("status") == "flipped" and "on_cue" in r]
-    for key in KEYS:  # over the flipped queries, as every quality figure (job.summarize)
-        metrics[f"cf/{key}"], metrics[f"cf/{key}_std"] = _mean_std([float(r[key]) for r in flipped])
-    metrics.update(_references(cfg, dm, classifier, x, ids, cue_change, mask, target, margin))
-    log.info("shortcut: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                       if isinstance(v, float) and not k.endswith("_std")))
-    return metrics
-
-
-def _references(cfg: DictConfig, dm: Any, classifier: nn.Module, x: Tensor, ids: list[int], cue_change: Tensor,
-                mask: Tensor, target: int, margin: float) -> dict[str, float]:
-    """The cue figures (and ``in_mask``) of the reference rows of ``disc_pl.validity``: targeted
-    PGD (recomputed with the same settings: it is deterministic) and the true counterfactuals,
-    over all queries as the other reference figures."""
-    from disc_pl.cf.pgd import targeted_pgd
-
-    vcfg = cfg.get("validity") or {}
-    switches, pcfg = vcfg.get("reference") or {}, vcfg.get("pgd") or {}
-    gt = dm.ground_truth(cfg.query.split, ids) if dm.has_ground_truth else None
-    refs: dict[str, Tensor] = {}
-    if switches.get("pgd", False):
-        refs["pgd"] = torch.cat([targeted_pgd(classifier, x[i:i + 64], target, margin, float(pcfg.get("eps", 8 / 255)),
-                                              float(pcfg.get("alpha", 1 / 255)), int(pcfg.get("steps", 100)))[0]
-                                 for i in range(0, len(x), 64)])
-    if switches.get("gt", False) and gt is not None:
-        refs["gt"] = gt[0]
-    out: dict[str, float] = {}
-    for name, ref in refs.items():
-        figs = cue_figures(classifier, x, ref, cue_change, mask, target, margin)
-        if gt is not None:
-            figs["in_mask"] = FM.in_mask_fraction(x, ref, gt[1])
-        for key, v in figs.items():
-            out[f"reference/{name}/{key}"], out[f"reference/{name}/{key}_std"] = _mean_std(v.float().tolist())
-    return out
