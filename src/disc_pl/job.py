@@ -36,6 +36,7 @@ from disc_pl.models.byo import load_posthoc_dep
 from disc_pl.models.cache import TRAINER_PRESENTATION_KEYS, ensure_model
 from disc_pl.models.fit import build_model, train_model
 from disc_pl.models.loading import load_classifier, load_duq
+from disc_pl.shortcut import add_shortcut_figures
 from disc_pl.validity import add_validity
 from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
 from disc_pl.utils import CONF_DIR, to_plain
@@ -272,6 +273,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     rows = [r for r in rows if r["query_id"] in set(indices)]
     validity_metrics = add_validity(cfg, dm, classifier, rows, tensors, indices, target,  # judges, COUT, references
                                     byo=is_byo(cfg.models.classifier), surrogates=getattr(manifold, "surrogates", None))
+    validity_metrics.update(add_shortcut_figures(cfg, dm, classifier, rows, tensors, indices, target))  # planted cue
     write_results_table(out_dir / "results.csv", rows)
     keep = torch.isin(tensors["query_id"], torch.tensor(indices))
     if cfg.output.save_tensors and keep.any():
