@@ -17,7 +17,7 @@ puts it on or takes it off any face. Two kinds of figures follow:
   ``on_cue`` = sum|x' - x| inside the cue's mask / sum|x' - x| (as ``in_mask`` for the mouth; to
   be read against ``shortcut/cue_area_share``, the mask's share of the image);
   ``cue_added`` = 1 where the explained classifier already predicts the target on the query with
-  only x''s pixels inside the cue mask pasted in (``where(mask, x', x)``, the run's success
+  only the counterfactual's pixels inside the cue mask pasted in (``where(mask, x', x)``, the run's success
   criterion): the change on the cue region alone carries the flip, whatever it looks like;
   ``cue_corr`` = cosine between x' - x and the rendered cue's own change inside the mask (1: the
   mark itself was drawn; 0: no change there), whether what is drawn looks like the cue.
