@@ -35,7 +35,6 @@ def test_summary_figures_are_over_flipped_queries_and_the_rest_is_counted():
     assert "cf/mse" not in none_flipped and none_flipped["cf/n_not_flipped"] == 1
 
 
-
 def test_ground_truth_recovery_has_a_median_beside_the_mean():
     """One query with a tiny true change (recovery -17) drags the mean below 0; the median
     shows where most counterfactuals are. Over the flipped queries only, NaN skipped."""
@@ -44,7 +43,9 @@ def test_ground_truth_recovery_has_a_median_beside_the_mean():
     m = job.summarize(rows)
     assert m["cf/gt_recovery"] == pytest.approx((0.2 + 0.4 - 17.0 + 0.1) / 4)
     assert m["cf/gt_recovery_median"] == pytest.approx((0.1 + 0.2) / 2)
+    assert m["cf/gt_recovery_positive"] == pytest.approx(3 / 4)
     assert "cf/mse_median" not in m
+
 
 def test_result_config_ignores_what_does_not_change_a_result():
     base = compose_cfg(["cache_dir=/a", "logger=none"])

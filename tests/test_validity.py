@@ -400,6 +400,8 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
             "prior.stages=[[all]]", "logger=none", "cd.enabled=false", "query.count=3",
             "query.require_correct=false", "judge.k=2", "judge.epochs=1", "judge.width=4", "judge.max_train=200",
             "validity.pgd.steps=3", "validity.cout_steps=4", f"cache_dir={tmp_path / 'cache'}",
+            "judge.robust.k=1", "judge.robust.epochs=1", "judge.robust.warmup_epochs=0", "judge.robust.steps=1",
+            "judge.robust.min_acc=0", "judge.realism.epochs=1", "judge.realism.max_per_class=50",
             "manifold=surrogates", "manifold.k=1",  # DEP + one surrogate: adds the surrogate PGD reference
             f"hydra.run.dir={out}"]
     proc = subprocess.run([sys.executable, "-m", "disc_pl.evaluate", *args], capture_output=True, text=True,
@@ -410,7 +412,11 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
                 "judge/acc", "judge/acc_0", "judge/acc_1", "judge/query_flip_rate",
                 "reference/pgd/flip_rate", "reference/pgd/judge_flip_rate", "reference/gt/judge_flip_rate",
                 "reference/gt/gt_recovery", "reference/pgd_surrogates/flip_rate",
-                "reference/pgd_surrogates/judge_flip_rate"):
+                "reference/pgd_surrogates/judge_flip_rate", "cf/judge_robust_flip_rate", "judge_robust/acc_0",
+                "judge_robust/query_flip_rate", "judge_robust/ceiling_real", "judge/ceiling_real",
+                "reference/pgd/judge_robust_flip_rate", "reference/gt/judge_robust_flip_rate",
+                "realism/im1_real_target", "realism/im1_queries", "reference/pgd/im1", "reference/gt/im1",
+                "reference/gt/gt_recovery_median", "reference/gt/gt_recovery_positive"):
         assert key in m and math.isfinite(m[key]), key
     for key in ("cf/cout", "cf/gt_recovery"):  # quality figures: over the flipped queries only
         assert (key in m and math.isfinite(m[key])) == (m["cf/n_flipped"] > 0), key
@@ -422,6 +428,9 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
     assert all(v in (0.0, 0.5, 1.0) for v in flips)  # the share of 2 judges
     assert statistics_mean(flips) == pytest.approx(m["cf/judge_flip_rate"])
     assert len(list((tmp_path / "cache").glob("judge-*/judge.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("rjudge-*/rjudge.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("realism_ae-*/realism_ae.pt"))) == 2  # source and target class
+    assert all(math.isfinite(float(r["judge_robust_flip"])) and float(r["im1"]) > 0 for r in rows)
     assert len(list((tmp_path / "cache").glob("classifier-*"))) == 2  # the explained one and its surrogate
 
 

@@ -36,6 +36,7 @@ from disc_pl.models.byo import load_posthoc_dep
 from disc_pl.models.cache import TRAINER_PRESENTATION_KEYS, ensure_model
 from disc_pl.models.fit import build_model, train_model
 from disc_pl.models.loading import load_classifier, load_duq
+from disc_pl.models.robust import ensure_robust_model
 from disc_pl.shortcut import add_shortcut_figures
 from disc_pl.validity import add_validity
 from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
@@ -103,10 +104,12 @@ def load_run_classifier(cfg: DictConfig, dm, manifold: Manifold | None = None) -
     return wrapper.eval(), Path(str(mcfg.path))
 
 
-def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manifold | None = None
-                   ) -> torch.nn.Module | None:
+def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manifold | None = None,
+                   datamodule: Any = None) -> torch.nn.Module | None:
     """The L_mc model of the ``manifold`` group's object (built from ``cfg.manifold`` when not
-    given) for ``classifier``; a DUQ model it asks for is trained into the cache or reused."""
+    given) for ``classifier``; a DUQ model, surrogates or robust models it asks for are trained
+    into the cache or reused (robust models on ``datamodule``'s training split, built from
+    ``cfg.dataset`` when not given)."""
     manifold = manifold if manifold is not None else instantiate(cfg.manifold)
 
     def duq() -> torch.nn.Module:
@@ -118,6 +121,15 @@ def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manif
             raise ConfigError.one("manifold", manifold.name, Surrogates.BYO_REFUSAL)
         return load_classifier(ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer,
                                             int(cfg.seed) + 1000 * (i + 1), cfg.cache_dir, train_fn=train_model))
+
+    def robust(i: int) -> torch.nn.Module:
+        nonlocal datamodule
+        if datamodule is None:
+            datamodule = instantiate(cfg.dataset)
+            datamodule.setup()
+        return ensure_robust_model(manifold.recipe, datamodule, int(cfg.seed) + 3000 * (i + 1), cfg.cache_dir)
+    if getattr(manifold, "needs_robust", 0):
+        return manifold(classifier, duq, load_robust=robust)
     if getattr(manifold, "needs_surrogates", 0):
         return manifold(classifier, duq, surrogate)
     return manifold(classifier, duq)
@@ -180,8 +192,8 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
 # Quality of a counterfactual: averaged over the flipped queries only (a not-flipped query's
 # best attempt, or a diverged query returned as itself with mse 0, is no counterfactual).
 FLIPPED_FIGURES = ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob", "recon_psnr",
-                   "cout", "gt_recovery")
-# Also their median: a ratio whose mean a few queries with a tiny true change (|x - x_gt| near 0)
+                   "cout", "gt_recovery", "im1")
+# Also their median and the share above 0: a ratio whose mean a few queries with a tiny true change (|x - x_gt| near 0)
 # can dominate.
 MEDIAN_FIGURES = ("gt_recovery",)
 # Cost and starting point: over every query (the work was spent on all of them).
@@ -214,6 +226,7 @@ def summarize(rows: list[dict]) -> dict[str, float]:
             out[f"cf/{key}_std"] = statistics.pstdev(vals)
             if key in MEDIAN_FIGURES:
                 out[f"cf/{key}_median"] = statistics.median(vals)
+                out[f"cf/{key}_positive"] = sum(v > 0 for v in vals) / len(vals)
     return out
 
 
@@ -241,7 +254,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     query_data = corrupted(dm.dataset(cfg.query.split), cfg.query.get("corruption"), int(cfg.seed))
     classifier, classifier_path = load_run_classifier(cfg, dm, manifold_choice)
     check_model_fits_data(classifier, dm, "models.classifier", classifier_path)
-    manifold = build_manifold(cfg, classifier, manifold_choice)
+    manifold = build_manifold(cfg, classifier, manifold_choice, dm)
     indices, source, target = select_queries(dm, classifier, cfg.query)
 
     remove_stale_temps(out_dir)  # a killed run's half-written part (never read as a part)

@@ -27,7 +27,8 @@ from disc_pl.cf.pgd import targeted_pgd
 from disc_pl.metrics import functional as FM
 from disc_pl.metrics.judge import JudgeAgreement, judge_probs, verdicts
 from disc_pl.metrics.validity import cout, gt_recovery
-from disc_pl.models.judge import accuracy, ensure_judges, judges_enabled
+from disc_pl.models.judge import accuracy, ensure_judges, ensure_robust_judges, judge_datamodule, judges_enabled
+from disc_pl.models.realism import RealismScore, ensure_realism
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,15 @@ def _batched(fn, *tensors: Tensor, batch: int = 64) -> Tensor:
     return torch.cat([fn(*(t[i:i + batch] for t in tensors)) for i in range(0, len(tensors[0]), batch)])
 
 
-def figures(classifier: nn.Module, judges: list[nn.Module] | None, x: Tensor, x_cf: Tensor,
-            source: int, target: int, margin: float, x_gt: Tensor | None, cout_steps: int) -> dict[str, Any]:
-    """Per-sample figures of counterfactuals ``x_cf`` of ``x``: dict of [N] tensors, plus
-    ``judge`` (the JudgeAgreement result) when there are judges."""
+# judge panel -> its key prefix: the plain judges, the adversarially trained ones
+PANELS = {"plain": "judge", "robust": "judge_robust"}
+
+
+def figures(classifier: nn.Module, panels: dict[str, list[nn.Module]], x: Tensor, x_cf: Tensor,
+            source: int, target: int, margin: float, x_gt: Tensor | None, cout_steps: int,
+            realism: RealismScore | None = None) -> dict[str, Any]:
+    """Per-sample figures of counterfactuals ``x_cf`` of ``x``: dict of [N] tensors, plus, per
+    judge panel (``PANELS``) with judges, ``<prefix>`` (the JudgeAgreement result)."""
     with torch.no_grad():
         logits = torch.cat([classifier(x_cf[i:i + 256]) for i in range(0, len(x_cf), 256)])
     tgt = torch.full((len(x),), target, dtype=torch.long)
@@ -81,33 +87,85 @@ def figures(classifier: nn.Module, judges: list[nn.Module] | None, x: Tensor, x_
         "cout": _batched(lambda a, b: cout(classifier, a, b, source, target, cout_steps), x, x_cf)}
     if x_gt is not None:
         out["gt_recovery"] = gt_recovery(x, x_cf, x_gt)
-    if judges:
+    if realism is not None:
+        out["im1"] = realism(x_cf)
+    for panel, judges in panels.items():
+        if not judges:
+            continue
+        prefix = PANELS[panel]
         hit, p_t = verdicts(judge_probs(judges, x_cf), target)
-        out["judge_flip"], out["judge_target_prob"] = hit.mean(0), p_t.mean(0)
+        out[f"{prefix}_flip"], out[f"{prefix}_target_prob"] = hit.mean(0), p_t.mean(0)
         agreement = JudgeAgreement(judges)
         agreement.update(x_cf, target)
-        out["judge"] = agreement.compute()
+        out[prefix] = agreement.compute()
     return out
+
+
+ROW_FIGURES = ("judge_flip", "judge_target_prob", "judge_robust_flip", "judge_robust_target_prob", "cout",
+               "gt_recovery", "im1")
 
 
 def _aggregate(prefix: str, figs: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for key in ("flipped", "mse", "cout", "gt_recovery"):
+    for key in ("flipped", "mse", "cout", "gt_recovery", "im1"):
         if key in figs:
             v = figs[key][~torch.isnan(figs[key])]
             name = "flip_rate" if key == "flipped" else key
             out[f"{prefix}{name}"] = float(v.mean()) if len(v) else float("nan")
             if key != "flipped":
                 out[f"{prefix}{name}_std"] = float(v.std(unbiased=False)) if len(v) else float("nan")
-    if "judge" in figs:
-        out.update(_judge_keys(prefix, figs["judge"]))
+            if key == "gt_recovery":
+                out[f"{prefix}{name}_median"] = float(v.median()) if len(v) else float("nan")
+                out[f"{prefix}{name}_positive"] = float((v > 0).float().mean()) if len(v) else float("nan")
+    for panel in PANELS.values():
+        if panel in figs:
+            out.update(_judge_keys(prefix, figs[panel], panel))
     return out
 
 
-def _judge_keys(prefix: str, j: dict[str, Tensor]) -> dict[str, float]:
-    return {f"{prefix}judge_flip_rate": float(j["flip_rate"]), f"{prefix}judge_flip_rate_std": float(j["flip_rate_std"]),
-            f"{prefix}judge_target_prob": float(j["target_prob"]),
-            f"{prefix}judge_target_prob_std": float(j["target_prob_std"])}
+def _judge_keys(prefix: str, j: dict[str, Tensor], panel: str = "judge") -> dict[str, float]:
+    return {f"{prefix}{panel}_flip_rate": float(j["flip_rate"]), f"{prefix}{panel}_flip_rate_std": float(j["flip_rate_std"]),
+            f"{prefix}{panel}_target_prob": float(j["target_prob"]),
+            f"{prefix}{panel}_target_prob_std": float(j["target_prob_std"])}
+
+
+def _real_target_images(dm: Any, target: int, n: int = 256) -> Tensor | None:
+    """The first ``n`` test images of the target class (the judges' ceiling, IM1's calibration)."""
+    data = dm.dataset("test")
+    imgs = []
+    for i in range(len(data)):
+        item = data[i]
+        if int(item["label"]) == target:
+            imgs.append(item["image"])
+            if len(imgs) >= n:
+                break
+    return torch.stack(imgs) if imgs else None
+
+
+def _panel_metrics(name: str, judges: list[nn.Module], dm: Any, pair: tuple[int, int], x: Tensor,
+                   real: Tensor | None, target: int, min_acc: float | None) -> tuple[dict[str, float], bool]:
+    """Clean accuracy, floor (verdict on the unchanged queries) and ceiling (on real target-class
+    test images) of one judge panel; False when a judge is below ``min_acc`` (a failed panel)."""
+    accs, pair_accs = _test_accuracy(judges, dm, pair)
+    key = "judge" if name == "plain" else "judge_robust"
+    out = {f"{key}/acc_{i}": a for i, a in enumerate(accs)}
+    out[f"{key}/acc"] = sum(accs) / len(accs)
+    out[f"{key}/pair_acc"] = sum(pair_accs) / len(pair_accs)  # source vs target test images only
+    out[f"{key}/k"] = len(judges)
+    q = JudgeAgreement(judges)
+    q.update(x, target)
+    out[f"{key}/query_flip_rate"] = float(q.compute()["flip_rate"])  # the floor
+    if real is not None:
+        c = JudgeAgreement(judges)
+        c.update(real, target)
+        out[f"{key}/ceiling_real"] = float(c.compute()["flip_rate"])
+    ok = min_acc is None or min(accs) >= min_acc
+    if not ok:
+        out[f"{key}/failed"] = 1.0
+        log.error("robust judges: clean test accuracy %s is below judge.robust.min_acc=%.2f: a failed judge, its "
+                  "verdicts are not reported (train longer: judge.robust.epochs, or a smaller judge.robust.eps)",
+                  ", ".join(f"{a:.3f}" for a in accs), min_acc)
+    return out, ok
 
 
 class MeanLogits(nn.Module):
@@ -142,25 +200,39 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
     margin = float(cfg.inversion.target_margin)
     steps = int(vcfg.get("cout_steps", 20))
     x_gt = dm.ground_truth(cfg.query.split, ids)[0] if dm.has_ground_truth else None
-    judges = None
+    panels: dict[str, list[nn.Module]] = {}
+    realism = None
+    real = None
     if judges_enabled(cfg):
-        judges, _ = ensure_judges(cfg, dm, byo)
-        accs, pair_accs = _test_accuracy(judges, dm, (source, target))
-        metrics.update({f"judge/acc_{i}": a for i, a in enumerate(accs)})
-        metrics["judge/acc"] = sum(accs) / len(accs)
-        metrics["judge/pair_acc"] = sum(pair_accs) / len(pair_accs)  # source vs target test images only
-        metrics["judge/k"] = len(judges)
-        q = JudgeAgreement(judges)
-        q.update(x, target)
-        metrics["judge/query_flip_rate"] = float(q.compute()["flip_rate"])
-    figs = figures(classifier, judges, x, x_cf, source, target, margin, x_gt, steps)
+        jdm = judge_datamodule(cfg, dm, byo)
+        real = _real_target_images(dm, target)
+        panels["plain"], _ = ensure_judges(cfg, dm, byo, jdm)
+        robust = ensure_robust_judges(cfg, dm, byo, jdm)
+        for name, judges in (("plain", panels["plain"]), ("robust", robust)):
+            if not judges:
+                continue
+            min_acc = float((cfg.judge.get("robust") or {}).get("min_acc", 0.9)) if name == "robust" else None
+            found, ok = _panel_metrics(name, judges, dm, (source, target), x, real, target, min_acc)
+            metrics.update(found)
+            if ok and name == "robust":
+                panels["robust"] = judges
+        # IM1 compares the queries' own class with the target (``source`` is what the classifier
+        # predicted, which with query.require_correct=false may already be the target)
+        label = int(rows[0].get("label", source))
+        realism = ensure_realism(cfg, jdm, label, target) if label != target else None
+        if realism is not None:  # its calibration: real target-class images and the unchanged queries
+            metrics["realism/im1_queries"] = float(realism(x).mean())
+            if real is not None:
+                metrics["realism/im1_real_target"] = float(realism(real).mean())
+    figs = figures(classifier, panels, x, x_cf, source, target, margin, x_gt, steps, realism)
     for n, qid in enumerate(ids):
         row = by_id[qid]
-        for key in ("judge_flip", "judge_target_prob", "cout", "gt_recovery"):
+        for key in ROW_FIGURES:
             if key in figs:
                 row[key] = float(figs[key][n])
-    if "judge" in figs:
-        metrics.update(_judge_keys("cf/", figs["judge"]))
+    for panel in PANELS.values():
+        if panel in figs:
+            metrics.update(_judge_keys("cf/", figs[panel], panel))
     pcfg = vcfg.get("pgd") or {}
 
     def pgd(model: nn.Module, goal: float) -> Tensor:
@@ -182,8 +254,8 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
         else:  # the ensemble, to the method's own goal
             goal = cfg.inversion.get("target_confidence")
             ref = pgd(MeanLogits([classifier, *surrogates]), margin if goal is None else float(goal))
-        metrics.update(_aggregate(f"reference/{name}/", figures(classifier, judges, x, ref, source, target,
-                                                                margin, x_gt, steps)))
+        metrics.update(_aggregate(f"reference/{name}/", figures(classifier, panels, x, ref, source, target,
+                                                                margin, x_gt, steps, realism)))
     log.info("validity: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                        if isinstance(v, float) and ("judge" in k or "reference" in k)))
     return metrics

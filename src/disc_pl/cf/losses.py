@@ -8,7 +8,7 @@ divergence isolation, logging).
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +199,7 @@ class Manifold:
             self.name = str(name)
 
     needs_surrogates = 0  # classifiers trained from the explained one's recipe with other seeds
+    needs_robust = 0      # adversarially trained models (disc_pl.models.robust)
 
     def __call__(self, classifier: nn.Module, load_duq: Callable[[], nn.Module] | None = None,
                  load_surrogate: Callable[[int], nn.Module] | None = None) -> nn.Module | None:
@@ -269,3 +270,91 @@ class Surrogates(Manifold):
             raise ValueError("manifold=surrogates needs load_surrogate (a callable i -> the i-th surrogate)")
         return SurrogateManifold([load_surrogate(i) for i in range(self.k)],
                                  DEPManifold(classifier) if self.dep else None, self.weight)
+
+
+class RobustManifoldLoss(nn.Module):
+    """DEP of the explained classifier (optional) + ``weight`` x the mean cross entropy to the
+    target of adversarially trained ``models`` (``disc_pl.models.robust``). A robust model's
+    loss falls only when the image takes on the target class's features (perceptually aligned
+    gradients), so this pulls the change towards what the class looks like. ``cone_angle``
+    (degrees, or None) also turns the functional term into the cone projection
+    (``disc_pl.cf.objective.ConeFunctionalTerm``)."""
+
+    def __init__(self, models: Sequence[nn.Module], dep: DEPManifold | None = None, weight: float = 1.0,
+                 cone_angle: float | None = None) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.dep = dep
+        self.weight = float(weight)
+        self.cone_angle = None if cone_angle is None else float(cone_angle)
+
+    def robust_loss(self, x_cf: Tensor, target: Tensor) -> Tensor:
+        """Mean cross entropy to ``target`` of the robust models ``[b]`` (float32 inputs: they
+        were trained in float32 and are cheap)."""
+        x = x_cf.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.stack([F.cross_entropy(m(x), target, reduction="none") for m in self.models]).mean(0)
+
+    def forward(self, x_cf, logits, feats, source, target) -> Tensor:
+        out = self.weight * self.robust_loss(x_cf, target) if self.weight else torch.zeros_like(logits[:, 0]).float()
+        return out if self.dep is None else out + self.dep(x_cf, logits, feats, source, target)
+
+
+class Robust(Manifold):
+    """``RobustManifoldLoss``: ``k`` small CNNs adversarially trained (L2 PGD, radius ``eps``) on
+    the explained classifier's training images by disc_pl's recipe (``disc_pl.models.robust``;
+    also for a bring-your-own classifier, given its training images), plus the DEP term of the
+    explained one (``dep``); ``cone_angle`` (degrees) steers the functional term's gradient into
+    a cone around the explained classifier's (DVCE)."""
+
+    name = "robust"
+
+    def __init__(self, lambda_mc: float = 0.1, k: int = 2, weight: float = 10.0, dep: bool = True,
+                 cone_angle: float | None = None, recipe: Any = None, name: str | None = None) -> None:
+        super().__init__(lambda_mc, name)
+        require("manifold", [("k", k, is_integer(k) and k >= 1, "must be an integer >= 1"),
+                             ("weight", weight, is_number(weight, 0), "must be a number >= 0"),
+                             ("dep", dep, isinstance(dep, bool), "must be true or false"),
+                             ("cone_angle", cone_angle, cone_angle is None or (is_number(cone_angle, 0)
+                                                                                and cone_angle < 90),
+                              "degrees in [0, 90) (the cone around the explained classifier's gradient), or null")])
+        self.k, self.weight, self.dep = int(k), float(weight), bool(dep)
+        self.cone_angle = None if cone_angle is None else float(cone_angle)
+        self.recipe = recipe
+        self.needs_dep = self.dep
+        self.needs_robust = self.k
+
+    def __call__(self, classifier, load_duq=None, load_surrogate=None, load_robust=None):
+        if load_robust is None:
+            raise ValueError("manifold=robust needs load_robust (a callable i -> the i-th robust model)")
+        return RobustManifoldLoss([load_robust(i) for i in range(self.k)],
+                                  DEPManifold(classifier) if self.dep else None, self.weight, self.cone_angle)
+
+
+def cone_project(g: Tensor, around: Tensor, angle_deg: float) -> Tensor:
+    """Per sample, the vector nearest ``g`` within ``angle_deg`` of ``around`` (DVCE's cone
+    projection, Augustin et al. 2022), with ``g``'s norm. Inside the cone ``g`` is returned as it
+    is; outside it is rotated towards ``around`` onto the cone's surface. With angle < 90 the
+    result has a positive dot product with ``around``: a step along it is still an ascent step
+    of the function ``around`` is the gradient of. Where ``around`` is 0, ``g``; where ``g`` is 0
+    or exactly opposite, ``around`` scaled to ``g``'s norm (then 0 for g = 0)."""
+    shape = g.shape
+    gf, af = g.flatten(1).float(), around.flatten(1).float()
+    g_norm = gf.norm(dim=1, keepdim=True)
+    a_norm = af.norm(dim=1, keepdim=True)
+    u = af / a_norm.clamp_min(1e-30)
+    along = (gf * u).sum(1, keepdim=True)
+    perp = gf - along * u
+    p_norm = perp.norm(dim=1, keepdim=True)
+    cos_a = torch.cos(torch.deg2rad(torch.tensor(float(angle_deg))))
+    sin_a = torch.sin(torch.deg2rad(torch.tensor(float(angle_deg))))
+    inside = along >= cos_a * g_norm
+    w = perp / p_norm.clamp_min(1e-30)
+    w = w - (w * u).sum(1, keepdim=True) * u  # orthogonal to u to rounding
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    rotated = g_norm * (cos_a * u + sin_a * w)
+    degenerate = p_norm <= 1e-5 * g_norm  # g (anti)parallel to around: no plane to rotate in
+    rotated = torch.where(degenerate, g_norm * u, rotated)
+    out = torch.where(inside, gf, rotated)
+    out = torch.where(a_norm > 0, out, gf)
+    return out.reshape(shape).to(g.dtype)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from disc_pl.cf.losses import SemanticSpace, functional_loss, semantic_space
+from disc_pl.cf.losses import SemanticSpace, cone_project, functional_loss, semantic_space
 
 
 @dataclass
@@ -125,6 +125,38 @@ class FunctionalTerm(Term):
         return torch.stack(losses).mean(0)
 
 
+class ConeFunctionalTerm(Term):
+    """The functional term (cross entropy of the explained classifier F to the target) whose
+    gradient in image space is replaced by DVCE's cone projection (Augustin et al. 2022): the
+    gradient of the robust models' cross entropy, rotated into the cone of ``angle`` degrees
+    around F's own gradient (``disc_pl.cf.losses.cone_project``), at the norm of F's gradient.
+    The step still lowers F's loss (an ascent direction of p_target under F, to first order),
+    but follows what the robust models see, whose gradients look like the class. Its value is
+    F's cross entropy (what is logged and weighed); only the direction differs. Costs one more
+    backward pass through F and one through the robust models per step."""
+
+    name = "functional"
+
+    def __init__(self, robust: nn.Module, weight: float = 1.0, angle: float = 30.0) -> None:
+        super().__init__(weight)
+        self.robust, self.angle = robust, float(angle)
+
+    def __call__(self, step, state):
+        ce = functional_loss(step.logits, step.target)
+        x = step.x
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return ce
+        g_f, = torch.autograd.grad(ce.sum(), x, retain_graph=True)
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            g_r, = torch.autograd.grad(self.robust.robust_loss(xr, step.target).sum(), xr)
+        d = cone_project(g_r, g_f, self.angle).float()
+        d = (d * (g_f.float().flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1).clamp_min(1e-30)).view(
+            -1, *([1] * (d.dim() - 1)))).detach()
+        lin = (x.float() * d.float()).flatten(1).sum(1)
+        return ce.detach() + (lin - lin.detach())  # the value of F's loss, the gradient d
+
+
 def farthest_colours(images: Tensor, k: int) -> Tensor:
     """A palette of ``k`` colours per image, [B, C, H, W] -> [B, k, C]: farthest-point sampling
     over the image's pixels (from the pixel nearest the mean colour, each next colour the pixel
@@ -207,13 +239,20 @@ class AreaTerm(Term):
         return step.mask.flatten(1).mean(1)
 
 
+def functional_term(options: Any, manifold: nn.Module | None) -> Term:
+    """F's cross entropy; with a robust manifold that sets ``cone_angle``, cone-projected."""
+    if getattr(manifold, "cone_angle", None) is not None:
+        return ConeFunctionalTerm(manifold, options.lambda_fc, manifold.cone_angle)
+    return FunctionalTerm(options.lambda_fc, getattr(options, "eot_views", 0), getattr(options, "eot_shift", 1.0),
+                          getattr(options, "eot_noise", 0.02), getattr(options, "eot_hflip", False))
+
+
 def default_objective(options: Any, manifold: nn.Module | None = None) -> list[Term]:
     """The paper's objective (eq. 5) with the coefficients of ``options`` (an
     ``InversionOptions``), + the gate's area."""
     return [SemanticTerm(options.space, options.layers, options.lambda_sem, options.relax),
             ManifoldTerm(manifold, options.lambda_mc),
-            FunctionalTerm(options.lambda_fc, getattr(options, "eot_views", 0), getattr(options, "eot_shift", 1.0),
-                           getattr(options, "eot_noise", 0.02), getattr(options, "eot_hflip", False)),
+            functional_term(options, manifold),
             PriorTerm(1.0), AreaTerm(options.gate.lambda_area if options.gate is not None else 0.0)] + (
             [PaletteTerm(options.lambda_palette)] if getattr(options, "lambda_palette", 0.0) > 0 else []) + (
             [ChangeTVTerm(options.lambda_change_tv)] if getattr(options, "lambda_change_tv", 0.0) > 0 else [])

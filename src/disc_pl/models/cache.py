@@ -34,8 +34,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from hydra.utils import instantiate
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from disc_pl.cf.results import atomic_torch_save, write_json
 from disc_pl.errors import UnsafeCheckpointError  # noqa: F401 (re-exported)
 from disc_pl.models.loading import load_classifier, load_duq, safe_load  # noqa: F401 (re-exported)
 from disc_pl.utils import config_hash, to_plain
@@ -248,3 +251,28 @@ def ensure_model(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return _artifact(entry)  # type: ignore[return-value]
+
+
+def cached_net(cache_dir: Path, kind: str, key: dict[str, Any], build: Callable[[], nn.Module],
+               fit: Callable[[nn.Module], None]) -> nn.Module:
+    """``build()`` with the weights cached under ``<cache_dir>/<kind>-<hash(key)>/<kind>.pt``;
+    when missing, ``fit`` trains a fresh ``build()`` (in a forked RNG) and the entry is written
+    atomically (a lock keeps parallel sweep jobs from training it twice). Eval mode, frozen."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entry = cache_dir / f"{kind}-{config_hash({'kind': kind, **key})[:16]}"
+    with file_lock(cache_dir / f".{entry.name}.lock"):
+        if not (entry / f"{kind}.pt").is_file():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(key.get("seed", 0)))
+                net = build()
+                fit(net)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=cache_dir))
+            atomic_torch_save(net.state_dict(), tmp / f"{kind}.pt")
+            write_json(tmp / "config.json", key)
+            os.chmod(tmp, 0o755)
+            if entry.exists():
+                shutil.rmtree(entry)
+            os.rename(tmp, entry)
+    net = build()
+    net.load_state_dict(torch.load(entry / f"{kind}.pt", map_location="cpu", weights_only=True))
+    return net.eval().requires_grad_(False)

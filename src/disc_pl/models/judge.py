@@ -22,9 +22,6 @@ every method, classifier seed and sweep job.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +31,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
-from disc_pl.cf.results import atomic_torch_save, write_json
 from disc_pl.errors import ConfigError
-from disc_pl.models.cache import file_lock
+from disc_pl.models.cache import cached_net
+from disc_pl.models.robust import adversarial_fit, check_robust_config
 from disc_pl.nets.small_cnn import SmallCNN
-from disc_pl.utils import config_hash, to_plain
+from disc_pl.utils import to_plain
 
 log = logging.getLogger(__name__)
 TRAIN_KEYS = ("width", "epochs", "lr", "batch_size", "weight_decay", "hflip", "max_shift", "noise", "max_train")
@@ -55,6 +52,8 @@ def judge_dataset_config(dataset_cfg: DictConfig, datamodule: Any, judge_cfg: Di
     sub = dataset_cfg.copy()
     how = getattr(datamodule, "judge_split", "fraction")
     with open_dict(sub):
+        if sub.get("shortcut") is not None:  # the judges learn the task from clean images, never a planted cue
+            sub.shortcut = None
         if how == "seed":
             sub.seed = int(dataset_cfg.seed) + int(judge_cfg.data_seed_offset)
         elif float(dataset_cfg.get("judge_fraction", 0.0) or 0.0) > 0:
@@ -130,45 +129,81 @@ def accuracy(net: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
     return float((pred == y).float().mean())
 
 
-def ensure_judges(cfg: DictConfig, datamodule: Any, byo: bool = False) -> tuple[list[nn.Module], Any]:
+class _Lazy:
+    """The judges' training images, stacked on first use (a cache hit never reads them)."""
+
+    def __init__(self, jdm: Any, limit: int | None) -> None:
+        self.jdm, self.limit, self.value = jdm, limit, None
+
+    def __call__(self) -> tuple[Tensor, Tensor]:
+        if self.value is None:
+            self.value = _stack_split(self.jdm.dataset("train"), self.limit)
+        return self.value
+
+
+def judge_datamodule(cfg: DictConfig, datamodule: Any, byo: bool = False) -> Any:
+    """The judges' datamodule (set up, disjoint from the explained classifier's data)."""
+    jdm = instantiate(judge_dataset_config(cfg.dataset, datamodule, cfg.judge, byo))
+    jdm.setup()
+    check_independent(datamodule, jdm)
+    return jdm
+
+
+def ensure_judges(cfg: DictConfig, datamodule: Any, byo: bool = False, jdm: Any = None
+                  ) -> tuple[list[nn.Module], Any]:
     """The K trained judges (eval mode, frozen) and their datamodule; trains missing ones."""
     jc = cfg.judge
     k = int(jc.k)
     if k < 1:
         raise ConfigError.one("judge.k", k, "an integer >= 1 (the ensemble size), or judge=none")
-    jcfg = judge_dataset_config(cfg.dataset, datamodule, jc, byo)
-    jdm = instantiate(jcfg)
-    jdm.setup()
-    check_independent(datamodule, jdm)
+    jdm = jdm if jdm is not None else judge_datamodule(cfg, datamodule, byo)
     train = {key: to_plain(jc.get(key)) for key in TRAIN_KEYS}
-    cache_dir = Path(str(cfg.cache_dir))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    x = y = None
+    data = _Lazy(jdm, train["max_train"])
+    build = lambda: build_judge(jdm.channels, jdm.image_size, jdm.num_classes, int(train["width"]))  # noqa: E731
     judges = []
     for i in range(k):
         seed = int(jc.seed) + i
-        key = config_hash({"kind": "judge", "train": train, "data": jdm.fingerprint(), "seed": seed})
-        entry = cache_dir / f"judge-{key[:16]}"
-        net = build_judge(jdm.channels, jdm.image_size, jdm.num_classes, int(train["width"]))
-        with file_lock(cache_dir / f".{entry.name}.lock"):
-            if not (entry / "judge.pt").is_file():
-                if x is None:
-                    x, y = _stack_split(jdm.dataset("train"), train["max_train"])
-                log.info("training judge %d/%d (%d images) into %s", i + 1, k, len(x), entry)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    net = build_judge(jdm.channels, jdm.image_size, jdm.num_classes, int(train["width"]))
-                    _fit(net, x, y, seed, train)
-                tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=cache_dir))
-                atomic_torch_save(net.state_dict(), tmp / "judge.pt")
-                write_json(tmp / "config.json", {"train": train, "data": jdm.fingerprint(), "seed": seed})
-                os.chmod(tmp, 0o755)
-                if entry.exists():
-                    shutil.rmtree(entry)
-                os.rename(tmp, entry)
-        net.load_state_dict(torch.load(entry / "judge.pt", map_location="cpu", weights_only=True))
-        judges.append(net.eval().requires_grad_(False))
+
+        def fit(net: nn.Module, seed: int = seed, i: int = i) -> None:
+            x, y = data()
+            log.info("training judge %d/%d (%d images)", i + 1, k, len(x))
+            _fit(net, x, y, seed, train)
+        judges.append(cached_net(Path(str(cfg.cache_dir)), "judge",
+                                 {"train": train, "data": jdm.fingerprint(), "seed": seed}, build, fit))
     return judges, jdm
+
+
+def robust_settings(jc: DictConfig) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(k, training recipe, adversarial settings) of the robust judges (``judge.robust``)."""
+    rc = jc.get("robust") or {}
+    k = rc.get("k", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError.one("judge.robust.k", k, "an integer >= 0 (robust judges; 0 = none)")
+    train = {key: to_plain(rc.get(key, jc.get(key))) for key in TRAIN_KEYS}
+    return int(k), train, check_robust_config("judge.robust", rc) if k else {}
+
+
+def ensure_robust_judges(cfg: DictConfig, datamodule: Any, byo: bool = False, jdm: Any = None) -> list[nn.Module]:
+    """The ``judge.robust.k`` adversarially trained judges (L2 PGD, ``disc_pl.models.robust``) on
+    the plain judges' data, seeds ``judge.seed + 100 + i``; [] when k is 0."""
+    jc = cfg.judge
+    k, train, robust = robust_settings(jc)
+    if not k:
+        return []
+    jdm = jdm if jdm is not None else judge_datamodule(cfg, datamodule, byo)
+    data = _Lazy(jdm, train["max_train"])
+    build = lambda: build_judge(jdm.channels, jdm.image_size, jdm.num_classes, int(train["width"]))  # noqa: E731
+    out = []
+    for i in range(k):
+        seed = int(jc.seed) + 100 + i
+
+        def fit(net: nn.Module, seed: int = seed, i: int = i) -> None:
+            x, y = data()
+            log.info("training robust judge %d/%d (%d images, L2 eps %s)", i + 1, k, len(x), robust["eps"])
+            adversarial_fit(net, x, y, seed, train, robust)
+        out.append(cached_net(Path(str(cfg.cache_dir)), "rjudge",
+                              {"train": train, "robust": robust, "data": jdm.fingerprint(), "seed": seed}, build, fit))
+    return out
 
 
 def judge_config_summary(cfg: DictConfig) -> dict[str, Any]:

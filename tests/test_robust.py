@@ -1,0 +1,186 @@
+"""Robust judges and manifold models (L2 adversarial training), the classifier-free realism
+score (IM1), and DVCE's cone projection (issue 27)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from disc_pl.cf.losses import Robust, RobustManifoldLoss, cone_project, functional_loss
+from disc_pl.cf.objective import ConeFunctionalTerm, FunctionalTerm, Step, default_objective
+from disc_pl.errors import ConfigError
+from disc_pl.models.realism import ConvAE, fit_autoencoder, im1
+from disc_pl.models.robust import adversarial_fit, check_robust_config, eps_at, l2_pgd
+
+SIDE = 8
+
+
+def _checker() -> torch.Tensor:
+    i = torch.arange(SIDE)
+    return ((i[:, None] + i[None, :]) % 2 * 2 - 1).float().view(1, 1, SIDE, SIDE)  # +-1
+
+
+def _two_feature_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class = a 4x4 patch's brightness (0.25 / 0.75: an L2 distance of 2 between the classes),
+    and, perfectly correlated with it, a faint +-0.03 checkerboard (L2 norm 0.24)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.full((n, 1, SIDE, SIDE), 0.5)
+    x[:, :, :4, :4] = (0.25 + 0.5 * y.float()).view(-1, 1, 1, 1)
+    x = x + 0.03 * (2 * y.float() - 1).view(-1, 1, 1, 1) * _checker()
+    return (x + 0.01 * torch.randn(x.shape, generator=gen)).clamp(0, 1), y
+
+
+class _Linear(nn.Module):
+    def __init__(self, w: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(SIDE * SIDE, 2)
+        if w is not None:
+            with torch.no_grad():
+                self.fc.weight.copy_(w)
+                self.fc.bias.copy_(b)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _plain_checker_reader() -> nn.Module:
+    """An analytic 'plain' classifier: it reads only the faint checkerboard (the non-robust
+    feature); 100 % accurate on the data."""
+    c = _checker().flatten()
+    return _Linear(torch.stack([-50 * c, 50 * c]), torch.zeros(2))
+
+
+def test_l2_pgd_stays_in_the_ball_and_in_range():
+    x, y = _two_feature_data(16, 0)
+    adv = l2_pgd(_plain_checker_reader(), x, y, 0.3, steps=5, generator=torch.Generator().manual_seed(0))
+    assert (adv - x).flatten(1).norm(dim=1).max() <= 0.3 + 1e-5
+    assert adv.min() >= 0 and adv.max() <= 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_robust_judge_resists_the_pgd_attack_that_flips_a_plain_one(seed):
+    x, y = _two_feature_data(256, seed)
+    plain = _plain_checker_reader()
+    assert (plain(x).argmax(1) == y).all()
+    torch.manual_seed(seed)
+    robust = _Linear()
+    recipe = {"epochs": 30, "lr": 0.05, "batch_size": 32, "hflip": False, "max_shift": 0, "noise": 0.0}
+    adversarial_fit(robust, x, y, seed, recipe, {"eps": 0.3, "steps": 5, "warmup_epochs": 0, "ramp_epochs": 5})
+    assert (robust(x).argmax(1) == y).float().mean() == 1.0
+    queries = x[y == 0]
+    target = torch.ones(len(queries), dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    on_plain = l2_pgd(plain, queries, target, 0.3, steps=20, targeted=True, generator=gen)
+    on_robust = l2_pgd(robust, queries, target, 0.3, steps=20, targeted=True, generator=gen)
+    assert (plain(on_plain).argmax(1) == 1).all()        # the faint pattern is erased: the plain judge flips
+    assert (robust(on_robust).argmax(1) == 0).all()      # the patch cannot move 2 in L2 within 0.3
+
+
+def test_eps_ramps_after_the_warm_up_and_bad_settings_are_named():
+    robust = {"eps": 0.4, "steps": 3, "warmup_epochs": 2, "ramp_epochs": 4}
+    assert [eps_at(e, robust) for e in range(7)] == pytest.approx([0, 0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    with pytest.raises(ConfigError) as err:
+        check_robust_config("judge.robust", {"eps": -1, "steps": 0, "warmup_epochs": 1, "ramp_epochs": 1})
+    assert {p.key for p in err.value.problems} == {"judge.robust.eps", "judge.robust.steps"}
+
+
+def _bars(n: int, vertical: bool, seed: int) -> torch.Tensor:
+    """16 px images of one bright bar at a random place: vertical (target class) or horizontal."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.full((n, 1, 16, 16), 0.2)
+    pos = torch.randint(2, 14, (n,), generator=gen)
+    for i, p in enumerate(pos.tolist()):
+        if vertical:
+            x[i, :, :, p - 1:p + 1] = 0.9
+        else:
+            x[i, :, p - 1:p + 1, :] = 0.9
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_realism_score_ranks_a_real_target_image_above_noise(seed):
+    """IM1 < 1: closer to the target class. A real target image scores lower than a query
+    (source class) with noise of the same size as the true change added."""
+    rc = {"epochs": 30, "lr": 3e-3, "batch_size": 32, "noise": 0.05}
+    aes = []
+    for vertical in (False, True):
+        torch.manual_seed(seed)
+        ae = ConvAE(1, 16, width=8, latent=2)
+        fit_autoencoder(ae, _bars(256, vertical, seed + 10 * vertical), seed, rc)
+        aes.append(ae)
+    ae_source, ae_target = aes
+    real = _bars(32, True, 100 + seed)
+    query = _bars(32, False, 200 + seed)
+    change = (real - query).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    noise = torch.randn(query.shape, generator=torch.Generator().manual_seed(seed))
+    noisy = (query + noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * change).clamp(0, 1)
+    s_real, s_noisy, s_query = (im1(ae_target, ae_source, v) for v in (real, noisy, query))
+    assert s_real.median() < 1 < s_query.median()
+    assert (s_real < s_noisy).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("angle", [0.0, 10.0, 30.0, 60.0, 89.0])
+def test_cone_projection_keeps_an_ascent_direction_of_the_explained_classifier(angle):
+    gen = torch.Generator().manual_seed(int(angle))
+    g = torch.randn(64, 3, 4, 4, generator=gen)
+    around = torch.randn(64, 3, 4, 4, generator=gen)
+    g[:8] = -around[:8]                        # exactly opposite
+    g[8:16] = around[8:16] * 2 + 1e-3 * g[8:16]  # already inside any cone
+    out = cone_project(g, around, angle)
+    o, a, gf = out.flatten(1), around.flatten(1), g.flatten(1)
+    cos = (o * a).sum(1) / (o.norm(dim=1) * a.norm(dim=1))
+    assert (cos >= math.cos(math.radians(angle)) - 1e-4).all()   # within the cone ...
+    assert ((o * a).sum(1) > 0).all()                              # ... so an ascent direction of around's function
+    assert torch.allclose(o.norm(dim=1), gf.norm(dim=1), rtol=1e-4)  # the norm of g
+    g_cos = (gf * a).sum(1) / (gf.norm(dim=1) * a.norm(dim=1))
+    inside = g_cos >= math.cos(math.radians(angle))
+    assert torch.equal(out[inside], g[inside])                      # inside the cone: unchanged
+    assert torch.equal(cone_project(g, torch.zeros_like(g), angle), g)  # no explained gradient: g
+
+
+def test_cone_functional_term_has_the_explained_loss_and_the_projected_gradient():
+    """Value: F's cross entropy. Gradient in x: the robust gradient projected into the cone
+    around F's, at the norm of F's gradient (analytic linear classifiers)."""
+    torch.manual_seed(0)
+    explained, robust_net = _Linear(), _Linear()
+    robust = RobustManifoldLoss([robust_net], None, weight=1.0, cone_angle=20.0)
+    x = torch.rand(5, 1, SIDE, SIDE, requires_grad=True)
+    target = torch.ones(5, dtype=torch.long)
+    logits = explained(x)
+    step = Step(x=x, logits=logits, feats=[], query=x.detach(), source=1 - target, target=target,
+                idx=torch.arange(5), prior=None, mask=None)
+    value = ConeFunctionalTerm(robust, 1.0, 20.0)(step, None)
+    assert torch.allclose(value, functional_loss(logits, target))
+    grad, = torch.autograd.grad(value.sum(), x)
+    xe = x.detach().requires_grad_(True)
+    g_f, = torch.autograd.grad(functional_loss(explained(xe), target).sum(), xe)
+    xr = x.detach().requires_grad_(True)
+    g_r, = torch.autograd.grad(robust.robust_loss(xr, target).sum(), xr)
+    expect = cone_project(g_r, g_f, 20.0)
+    expect = expect * (g_f.flatten(1).norm(dim=1) / expect.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    assert torch.allclose(grad, expect, atol=1e-6)
+    assert ((grad.flatten(1) * g_f.flatten(1)).sum(1) > 0).all()
+
+
+def test_robust_manifold_term_and_objective_wiring():
+    torch.manual_seed(0)
+    nets = [_Linear(), _Linear()]
+    loss = RobustManifoldLoss(nets, None, weight=3.0)
+    x = torch.rand(4, 1, SIDE, SIDE)
+    t = torch.tensor([0, 1, 1, 0])
+    expect = 3.0 * torch.stack([functional_loss(n(x), t) for n in nets]).mean(0)
+    assert torch.allclose(loss(x, torch.zeros(4, 2), [], 1 - t, t), expect)
+
+    class Opts:
+        space, layers, lambda_sem, relax, lambda_fc, lambda_mc, gate = "iso", (0,), 1.0, 0.5, 1.0, 0.1, None
+
+    plain = {type(t).__name__ for t in default_objective(Opts(), loss)}
+    cone = {type(t).__name__ for t in default_objective(Opts(), RobustManifoldLoss(nets, None, 1.0, 30.0))}
+    assert FunctionalTerm.__name__ in plain and ConeFunctionalTerm.__name__ in cone
+    made = Robust(k=2, weight=3.0, dep=False, cone_angle=30)(None, load_robust=lambda i: nets[i])
+    assert list(made.models) == nets and made.cone_angle == 30.0 and made.dep is None
+    with pytest.raises(ConfigError, match="cone_angle"):
+        Robust(cone_angle=90)
