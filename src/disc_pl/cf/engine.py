@@ -331,6 +331,7 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
 
     optim = RowAdam(gen.parameter_groups(["all"]), lr=opts.lr)
     global_step = 0
+    seen_flipped = torch.zeros(B, dtype=torch.bool, device=device)  # progress only: flipped at a logged step
     for k, stage in enumerate(opts.stages):
         gen.set_trainable(stage.groups)
         render.set_size(stage.size)
@@ -408,11 +409,11 @@ def _invert(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Seque
                 stats = {f"cf/loss_{t}": float(v.mean()) for t, v in terms.items() if v.numel()}
                 stats.update({"cf/stage": k, "cf/active": int(active.sum()),
                               "cf/lambda_sem": opts.lambda_sem * opts.relax ** k})
-                # where the pass stands, for progress (disc_pl.cf.progress): flipped = at the margin now or kept
-                flipped = valid_found.clone()
-                flipped[idx[is_flipped(logits, targets[idx], opts.target_margin)]] = True
+                # where the pass stands, for progress (disc_pl.cf.progress): flipped = at the margin at a logged step
+                seen_flipped |= valid_found
+                seen_flipped[idx[is_flipped(logits, targets[idx], opts.target_margin)]] = True
                 stats.update({"cf/stages": len(opts.stages), "cf/step": it + 1, "cf/stage_steps": stage.steps,
-                              "cf/global_step": global_step, "cf/pass_queries": B, "cf/flipped": int(flipped.sum()),
+                              "cf/global_step": global_step, "cf/pass_queries": B, "cf/flipped": int(seen_flipped.sum()),
                               "cf/steps_left": stage.steps - it - 1 + sum(s.steps for s in opts.stages[k + 1:])})
                 on_log(stats)
             seconds[ran.cpu()] += (time.perf_counter() - t_step) / ran.numel()
