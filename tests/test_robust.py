@@ -11,7 +11,7 @@ from torch import nn
 from disc_pl.cf.losses import Robust, RobustManifoldLoss, cone_project, functional_loss
 from disc_pl.cf.objective import ConeFunctionalTerm, FunctionalTerm, Step, default_objective
 from disc_pl.errors import ConfigError
-from disc_pl.models.realism import ConvAE, fit_autoencoder, im1
+from disc_pl.models.realism import ConvAE, RealismScore, fit_autoencoder, im1
 from disc_pl.models.robust import adversarial_fit, check_robust_config, eps_at, l2_pgd
 
 SIDE = 8
@@ -120,6 +120,14 @@ def test_realism_score_ranks_a_real_target_image_above_noise(seed):
     s_real, s_noisy, s_query = (im1(ae_target, ae_source, v) for v in (real, noisy, query))
     assert s_real.median() < 1 < s_query.median()
     assert (s_real < s_noisy).float().mean() >= 0.9
+    # the manifold gap of an every-class autoencoder: turning the query into a real image of the
+    # other class costs far less than the same amount of noise
+    torch.manual_seed(seed)
+    ae_all = ConvAE(1, 16, width=8, latent=2)
+    fit_autoencoder(ae_all, torch.cat([_bars(128, False, seed + 20), _bars(128, True, seed + 30)]), seed, rc)
+    score = RealismScore(ae_source, ae_target, ae_all)
+    assert torch.equal(score(real), s_real)
+    assert (score.gap(query, real) < score.gap(query, noisy)).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("angle", [0.0, 10.0, 30.0, 60.0, 89.0])

@@ -416,9 +416,10 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
                 "judge_robust/query_flip_rate", "judge_robust/ceiling_real", "judge/ceiling_real",
                 "reference/pgd/judge_robust_flip_rate", "reference/gt/judge_robust_flip_rate",
                 "realism/im1_real_target", "realism/im1_queries", "reference/pgd/im1", "reference/gt/im1",
+                "realism/ae_gap_real_target", "reference/pgd/ae_gap",
                 "reference/gt/gt_recovery_median", "reference/gt/gt_recovery_positive"):
         assert key in m and math.isfinite(m[key]), key
-    for key in ("cf/cout", "cf/gt_recovery"):  # quality figures: over the flipped queries only
+    for key in ("cf/cout", "cf/gt_recovery", "cf/im1", "cf/ae_gap"):  # quality figures: over the flipped queries only
         assert (key in m and math.isfinite(m[key])) == (m["cf/n_flipped"] > 0), key
     assert m["reference/gt/gt_recovery"] == pytest.approx(1.0) and m["judge/k"] == 2 and m["env/cpu"]
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -429,7 +430,7 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
     assert statistics_mean(flips) == pytest.approx(m["cf/judge_flip_rate"])
     assert len(list((tmp_path / "cache").glob("judge-*/judge.pt"))) == 2
     assert len(list((tmp_path / "cache").glob("rjudge-*/rjudge.pt"))) == 1
-    assert len(list((tmp_path / "cache").glob("realism_ae-*/realism_ae.pt"))) == 2  # source and target class
+    assert len(list((tmp_path / "cache").glob("realism_ae-*/realism_ae.pt"))) == 3  # source, target, every class
     assert all(math.isfinite(float(r["judge_robust_flip"])) and float(r["im1"]) > 0 for r in rows)
     assert len(list((tmp_path / "cache").glob("classifier-*"))) == 2  # the explained one and its surrogate
 

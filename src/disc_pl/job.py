@@ -192,7 +192,7 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
 # Quality of a counterfactual: averaged over the flipped queries only (a not-flipped query's
 # best attempt, or a diverged query returned as itself with mse 0, is no counterfactual).
 FLIPPED_FIGURES = ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob", "recon_psnr",
-                   "cout", "gt_recovery", "im1")
+                   "cout", "gt_recovery", "im1", "ae_gap")
 # Also their median and the share above 0: a ratio whose mean a few queries with a tiny true change (|x - x_gt| near 0)
 # can dominate.
 MEDIAN_FIGURES = ("gt_recovery",)
@@ -285,7 +285,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     rows, tensors = merge_parts(out_dir)
     rows = [r for r in rows if r["query_id"] in set(indices)]
     validity_metrics = add_validity(cfg, dm, classifier, rows, tensors, indices, target,  # judges, COUT, references
-                                    byo=is_byo(cfg.models.classifier), surrogates=getattr(manifold, "surrogates", None))
+                                    byo=is_byo(cfg.models.classifier), surrogates=getattr(manifold, "surrogates", None),
+                                    robust=getattr(manifold, "models", None))
     validity_metrics.update(add_shortcut_figures(cfg, dm, classifier, rows, tensors, indices, target))  # planted cue
     write_results_table(out_dir / "results.csv", rows)
     keep = torch.isin(tensors["query_id"], torch.tensor(indices))

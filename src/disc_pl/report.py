@@ -53,6 +53,7 @@ COLUMNS = [  # (header, key in the method's stats)
 # Reference rows (disc_pl.validity, written by disc_pl.evaluate): metrics prefix -> row name
 REFERENCES = {"reference/pgd/": "reference: targeted PGD (pixels, no prior)",
               "reference/pgd_surrogates/": "reference: targeted PGD on the classifier + surrogates",
+              "reference/pgd_robust/": "reference: targeted L2 PGD on the robust models alone",
               "reference/gt/": "reference: ground-truth counterfactual"}
 
 

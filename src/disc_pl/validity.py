@@ -28,7 +28,8 @@ from disc_pl.metrics import functional as FM
 from disc_pl.metrics.judge import JudgeAgreement, judge_probs, verdicts
 from disc_pl.metrics.validity import cout, gt_recovery
 from disc_pl.models.judge import accuracy, ensure_judges, ensure_robust_judges, judge_datamodule, judges_enabled
-from disc_pl.models.realism import RealismScore, ensure_realism
+from disc_pl.models.realism import RealismScore, ensure_realism, recon_error
+from disc_pl.models.robust import l2_pgd
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def figures(classifier: nn.Module, panels: dict[str, list[nn.Module]], x: Tensor
         out["gt_recovery"] = gt_recovery(x, x_cf, x_gt)
     if realism is not None:
         out["im1"] = realism(x_cf)
+        out["ae_gap"] = realism.gap(x, x_cf)
     for panel, judges in panels.items():
         if not judges:
             continue
@@ -102,12 +104,12 @@ def figures(classifier: nn.Module, panels: dict[str, list[nn.Module]], x: Tensor
 
 
 ROW_FIGURES = ("judge_flip", "judge_target_prob", "judge_robust_flip", "judge_robust_target_prob", "cout",
-               "gt_recovery", "im1")
+               "gt_recovery", "im1", "ae_gap")
 
 
 def _aggregate(prefix: str, figs: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for key in ("flipped", "mse", "cout", "gt_recovery", "im1"):
+    for key in ("flipped", "mse", "cout", "gt_recovery", "im1", "ae_gap"):
         if key in figs:
             v = figs[key][~torch.isnan(figs[key])]
             name = "flip_rate" if key == "flipped" else key
@@ -181,14 +183,18 @@ class MeanLogits(nn.Module):
 
 def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dict], tensors: dict[str, Tensor],
                  indices: list[int], target: int, byo: bool = False,
-                 surrogates: Sequence[nn.Module] | None = None) -> dict[str, Any]:
+                 surrogates: Sequence[nn.Module] | None = None,
+                 robust: Sequence[nn.Module] | None = None) -> dict[str, Any]:
     """Adds ``judge_flip``, ``judge_target_prob``, ``cout``, ``gt_recovery`` to ``rows`` (in
     place; rows and the tensors are in query-id order) and returns the validity metrics.
 
     With ``surrogates`` (``manifold=surrogates``) and the PGD reference on, a third reference
     ``reference/pgd_surrogates/*``: the same PGD against the mean logits of the explained
     classifier and the surrogates, run to the method's own goal (``target_confidence``, else
-    ``target_margin``): how far the surrogates alone carry a perturbation with no prior."""
+    ``target_margin``): how far the surrogates alone carry a perturbation with no prior.
+    With ``robust`` models (``manifold=robust``), ``reference/pgd_robust/*``: targeted L2 PGD
+    against their mean logits alone, radius ``validity.pgd_robust.eps`` (no prior, no explained
+    classifier): what the robust models' gradients draw by themselves."""
     metrics: dict[str, Any] = {"env/cpu": cpu_model()}
     if "query_id" not in tensors or not rows:
         return metrics
@@ -224,6 +230,9 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
             metrics["realism/im1_queries"] = float(realism(x).mean())
             if real is not None:
                 metrics["realism/im1_real_target"] = float(realism(real).mean())
+                # real target images against the real queries: the gap of an edit that lands on real images
+                metrics["realism/ae_gap_real_target"] = float(recon_error(realism.ae_all, real).mean()
+                                                              - recon_error(realism.ae_all, x).mean())
     figs = figures(classifier, panels, x, x_cf, source, target, margin, x_gt, steps, realism)
     for n, qid in enumerate(ids):
         row = by_id[qid]
@@ -241,7 +250,8 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
                           for i in range(0, len(x), 64)])
 
     # reference row -> the validity.reference switch that turns it on
-    refs = {"pgd": "pgd", "gt": "gt", **({"pgd_surrogates": "pgd"} if surrogates else {})}
+    refs = {"pgd": "pgd", "gt": "gt", **({"pgd_surrogates": "pgd"} if surrogates else {}),
+            **({"pgd_robust": "pgd"} if robust else {})}
     for name, switch in refs.items():
         if not bool((vcfg.get("reference") or {}).get(switch, False)):
             continue
@@ -251,6 +261,11 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
             ref = x_gt
         elif name == "pgd":
             ref = pgd(classifier, margin)
+        elif name == "pgd_robust":
+            rcfg = vcfg.get("pgd_robust") or {}
+            tgt = torch.full((len(x),), target, dtype=torch.long)
+            ref = l2_pgd(MeanLogits(list(robust)), x, tgt, float(rcfg.get("eps", 1.5)), int(rcfg.get("steps", 50)),
+                         targeted=True, random_start=False)
         else:  # the ensemble, to the method's own goal
             goal = cfg.inversion.get("target_confidence")
             ref = pgd(MeanLogits([classifier, *surrogates]), margin if goal is None else float(goal))

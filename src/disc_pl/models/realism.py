@@ -103,13 +103,22 @@ def im1(ae_target: nn.Module, ae_source: nn.Module, x: Tensor, eps: float = 1e-8
 
 
 class RealismScore:
-    """IM1 of one class pair: the source- and target-class autoencoders."""
+    """IM1 of one class pair (the source- and target-class autoencoders) and the manifold gap
+    of an autoencoder trained on every class: ``gap(x, x') = |x' - AE(x')|^2 - |x - AE(x)|^2``,
+    how much harder the counterfactual is to reconstruct than its query. An edit that stays on
+    the image manifold (a real smile) costs about 0; pixel noise, which a denoising autoencoder
+    removes, costs its energy."""
 
-    def __init__(self, ae_source: nn.Module, ae_target: nn.Module) -> None:
-        self.ae_source, self.ae_target = ae_source, ae_target
+    def __init__(self, ae_source: nn.Module, ae_target: nn.Module, ae_all: nn.Module | None = None) -> None:
+        self.ae_source, self.ae_target, self.ae_all = ae_source, ae_target, ae_all
 
     def __call__(self, x: Tensor) -> Tensor:
         return im1(self.ae_target, self.ae_source, x)
+
+    def gap(self, x: Tensor, x_cf: Tensor) -> Tensor:
+        if self.ae_all is None:
+            raise ValueError("the manifold gap needs the all-class autoencoder (ae_all)")
+        return recon_error(self.ae_all, x_cf) - recon_error(self.ae_all, x)
 
 
 def ensure_realism(cfg: DictConfig, jdm: Any, source: int, target: int) -> RealismScore | None:
@@ -122,18 +131,20 @@ def ensure_realism(cfg: DictConfig, jdm: Any, source: int, target: int) -> Reali
     data = jdm.dataset("train")
     labels = None
     aes = []
-    for cls in (source, target):
-        def fit(ae: nn.Module, cls: int = cls) -> None:
+    for cls in (source, target, None):  # None: every class (the manifold gap)
+        def fit(ae: nn.Module, cls: int | None = cls) -> None:
             nonlocal labels
             if labels is None:
                 labels = torch.tensor([int(data[i]["label"]) for i in range(len(data))])
-            idx = (labels == cls).nonzero().flatten().tolist()[: rc["max_per_class"] or None]
+            idx = (labels == cls).nonzero().flatten().tolist() if cls is not None else list(range(len(labels)))
+            idx = idx[: rc["max_per_class"] * (1 if cls is not None else 2) if rc["max_per_class"] else None]
             x = torch.stack([data[i]["image"] for i in idx])
-            log.info("training the realism autoencoder of class %d (%d images)", cls, len(x))
-            fit_autoencoder(ae, x, int(cfg.judge.seed) + 500 + cls, rc)
+            log.info("training the realism autoencoder of %s (%d images)", f"class {cls}" if cls is not None
+                     else "every class", len(x))
+            fit_autoencoder(ae, x, int(cfg.judge.seed) + 500 + (cls if cls is not None else 99), rc)
 
         build = lambda: ConvAE(jdm.channels, jdm.image_size, int(rc["width"]), int(rc["latent"]))  # noqa: E731
+        seed = int(cfg.judge.seed) + 500 + (cls if cls is not None else 99)
         aes.append(cached_net(Path(str(cfg.cache_dir)), "realism_ae",
-                              {"train": rc, "data": jdm.fingerprint(), "cls": cls, "seed": int(cfg.judge.seed) + 500 + cls},
-                              build, fit))
+                              {"train": rc, "data": jdm.fingerprint(), "cls": cls, "seed": seed}, build, fit))
     return RealismScore(*aes)
