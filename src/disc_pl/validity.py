@@ -271,6 +271,7 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
             ref = pgd(MeanLogits([classifier, *surrogates]), margin if goal is None else float(goal))
         metrics.update(_aggregate(f"reference/{name}/", figures(classifier, panels, x, ref, source, target,
                                                                 margin, x_gt, steps, realism)))
-    log.info("validity: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                       if isinstance(v, float) and ("judge" in k or "reference" in k)))
+    shown = [f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and ("judge" in k or "reference" in k)]
+    if shown:
+        log.info("validity: %s", ", ".join(shown))
     return metrics
