@@ -15,7 +15,7 @@ px on CUDA; the first size also gets the batched-vs-sequential comparison):
   time, as a fraction of a dense 2048x2048 matmul's FLOP/s measured in the same run *in the
   precision the engine runs in* (bf16 under ``bf16-mixed``; float32 also reported);
 * **end to end** (``--e2e-queries``, default 32; 0 skips): ``python -m disc_pl.run`` at the
-  largest size (``prior.hparams.sigma=10`` from 64 px, as in the README) in a child process,
+  largest size (``prior.hparams.sigma=10`` from 64 px, as in docs/PERFORMANCE.md) in a child process,
   once to fill the model cache (training, when the cache has no such models), then timed: the
   whole command's wall seconds per counterfactual, and the engine's share (``results.csv``);
 * **peak memory** per case and per query: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU
@@ -311,7 +311,7 @@ def end_to_end(queries: int, size: int, overrides: Sequence[str], out_dir: Path,
     the queries, and the engine's own share (mean of ``results.csv`` ``seconds``)."""
     args = [f"dataset.image_size={size}", f"query.count={queries}", "logger=none", *overrides]
     if size >= 64 and not any(o.startswith("prior.hparams.sigma=") for o in overrides):
-        args.insert(1, "prior.hparams.sigma=10")  # the README's 96 px setting
+        args.insert(1, "prior.hparams.sigma=10")  # the 96 px setting of docs/PERFORMANCE.md
     if threads is not None:
         args.append(f"threads_per_job={threads}")
     if cache_dir is not None:

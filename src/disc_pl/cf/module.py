@@ -84,7 +84,7 @@ def query_seed(run_seed: int, query_id: int) -> int:
 
 
 def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None) -> list[dict]:
-    """One flat row per query: identity, outcome and figures (see README, results.csv)."""
+    """One flat row per query: identity, outcome and figures (see docs/USER_GUIDE.md, results.csv)."""
     x, x_cf = batch["image"].detach().cpu(), out.images
     figures = {"mse": M.mse(x, x_cf), "concentration": M.concentration(x, x_cf)}
     if "gt_image" in batch:

@@ -11,7 +11,7 @@
                 (``LOSS_SCALE``), so small gradients do not underflow in float16.
 ``auto``        ``bf16-mixed`` where the device computes bf16 natively (CUDA with bf16 support;
                 a CPU with AVX512-BF16 or AMX), else ``32`` (16-mixed on a CUDA device without
-                bf16). The run config's default is ``auto`` (README, "Mixed precision").
+                bf16). The run config's default is ``auto`` (docs/PERFORMANCE.md, "Mixed precision").
 """
 from __future__ import annotations
 
