@@ -20,7 +20,7 @@ from hardening_support import entries
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models on one thread
 
-# a bring-your-own classifier cannot have surrogates (the default manifold): DEP (post-hoc head)
+# a bring-your-own classifier with DEP (a post-hoc head) only: no surrogates to train
 BYO = ["model@models.classifier=byo", "models.classifier.arch=resnet18", "manifold=dep"]
 
 
@@ -57,13 +57,14 @@ def test_byo_checkpoint_path_not_set_or_missing(tmp_path):
     assert entries(tmp_path / "cache") == []
 
 
-def test_byo_classifier_with_surrogates_is_refused_before_anything_trains(tmp_path):
+def test_byo_classifier_with_surrogates_passes_the_config_check(tmp_path):
+    """The default manifold is no longer refused for a bring-your-own classifier: its surrogates
+    are trained by disc_pl's recipe (refused only without training images: tests/test_own_data.py)."""
+    from disc_pl.validate import validate_run_config
+
     weights = tmp_path / "w.pt"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), weights)
-    with pytest.raises(ConfigError, match="manifold='surrogates': trains surrogate classifiers") as info:
-        run_lib.run(run_cfg(tmp_path, *BYO[:2], f"models.classifier.path={weights}"),  # the default manifold
-                    out_dir=tmp_path / "out")
-    assert info.value.key == "manifold" and "choose manifold=dep, duq or none" in str(info.value)
+    validate_run_config(run_cfg(tmp_path, *BYO[:2], f"models.classifier.path={weights}"))  # the default manifold
     assert entries(tmp_path / "cache") == []
 
 

@@ -39,7 +39,8 @@ from disc_pl.models.loading import load_classifier, load_duq
 from disc_pl.models.robust import ensure_robust_model
 from disc_pl.shortcut import add_shortcut_figures
 from disc_pl.validity import add_validity
-from disc_pl.validate import check_model_fits_data, is_byo, validate_run_config, validate_with_data
+from disc_pl.validate import (check_model_fits_data, is_byo, training_images, validate_run_config,
+                              validate_with_data)
 from disc_pl.utils import CONF_DIR, to_plain
 from disc_pl.viz import captions_from_rows, save_grid
 
@@ -104,12 +105,30 @@ def load_run_classifier(cfg: DictConfig, dm, manifold: Manifold | None = None) -
     return wrapper.eval(), Path(str(mcfg.path))
 
 
+def surrogate_recipe(cfg: DictConfig) -> DictConfig:
+    """The model config the surrogates of ``manifold=surrogates`` are trained from: the explained
+    classifier's; for a bring-your-own classifier (no recipe here) disc_pl's own classifier
+    recipe, ``conf/model/classifier.yaml`` (the default ``model@models.classifier=classifier``)."""
+    if not is_byo(cfg.models.classifier):
+        return cfg.models.classifier
+    return OmegaConf.load(Path(CONF_DIR) / "model" / "classifier.yaml")
+
+
+def surrogates_provenance(cfg: DictConfig, manifold: Manifold) -> dict[str, str]:
+    """``manifold/surrogates_recipe`` of metrics.json where the manifold has surrogates:
+    ``"explained"`` (the explained classifier's recipe) or ``"disc_pl"`` (disc_pl's own recipe,
+    for a bring-your-own classifier)."""
+    if not getattr(manifold, "needs_surrogates", 0):
+        return {}
+    return {"manifold/surrogates_recipe": "disc_pl" if is_byo(cfg.models.classifier) else "explained"}
+
+
 def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manifold | None = None,
                    datamodule: Any = None) -> torch.nn.Module | None:
     """The L_mc model of the ``manifold`` group's object (built from ``cfg.manifold`` when not
-    given) for ``classifier``; a DUQ model, surrogates or robust models it asks for are trained
-    into the cache or reused (robust models on ``datamodule``'s training split, built from
-    ``cfg.dataset`` when not given)."""
+    given) for ``classifier``; a DUQ model, surrogates (``surrogate_recipe``) or robust models it
+    asks for are trained into the cache or reused (robust models on ``datamodule``'s training
+    split, built from ``cfg.dataset`` when not given)."""
     manifold = manifold if manifold is not None else instantiate(cfg.manifold)
 
     def duq() -> torch.nn.Module:
@@ -117,9 +136,9 @@ def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manif
                                      train_fn=train_model))
 
     def surrogate(i: int) -> torch.nn.Module:
-        if is_byo(cfg.models.classifier):
-            raise ConfigError.one("manifold", manifold.name, Surrogates.BYO_REFUSAL)
-        return load_classifier(ensure_model(cfg.models.classifier, cfg.dataset, cfg.trainer,
+        if is_byo(cfg.models.classifier) and datamodule is not None and not training_images(datamodule):
+            raise ConfigError.one("manifold", manifold.name, Surrogates.BYO_NO_TRAINING_IMAGES)
+        return load_classifier(ensure_model(surrogate_recipe(cfg), cfg.dataset, cfg.trainer,
                                             int(cfg.seed) + 1000 * (i + 1), cfg.cache_dir, train_fn=train_model))
 
     def robust(i: int) -> torch.nn.Module:
@@ -300,6 +319,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
                   max_rows=int(cfg.output.grid_max), target_prob=probs, verdict=verdicts)
     metrics = summarize(rows)
     metrics.update(validity_metrics)
+    metrics.update(surrogates_provenance(cfg, manifold_choice))  # where the surrogates' recipe came from
     write_json(out_dir / "metrics.json", metrics)
     if logger is not None:
         tracking.log_job_outputs(logger, metrics, rows, {"cf/grid": out_dir / "grid.png"})

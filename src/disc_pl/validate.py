@@ -31,6 +31,7 @@ from disc_pl.cf import precision as amp
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
 from disc_pl.models.byo import is_byo  # noqa: F401 (re-exported)
 from disc_pl.models.fit import RECIPE_KEYS
+from disc_pl.models.judge import judge_datamodule
 
 CONF_DIR = Path(utils.CONF_DIR)
 SPLITS = ("train", "val", "test")
@@ -417,8 +418,6 @@ def _check_parts(ch: _Checks) -> None:
         ch.add("models.classifier.use_dep", False, f"manifold={manifold.name} needs the classifier's DEP loss "
                "predictor: set models.classifier.use_dep=true (the default), or choose manifold=duq "
                "or manifold=none")
-    if getattr(manifold, "needs_surrogates", 0) and is_byo(clf):
-        ch.add("manifold", manifold.name, Surrogates.BYO_REFUSAL)
     if manifold.needs_duq:
         duq = OmegaConf.select(ch.cfg, "models.duq")
         if not isinstance(duq, DictConfig) or "_target_" not in duq:
@@ -560,9 +559,27 @@ def validate_with_data(cfg: DictConfig, dm: Any) -> tuple[int, int]:
         if bad:
             problems.append(Problem("query.indices", bad, f"indices into split {q.split!r} must be in "
                                     f"0..{size - 1} (it has {size} items)"))
+    manifold = cfg.get("manifold")
+    if (is_byo(OmegaConf.select(cfg, "models.classifier")) and isinstance(manifold, DictConfig)
+            and str(manifold.get("_target_", "")).endswith(".Surrogates") and not training_images(dm)):
+        # a bring-your-own classifier's surrogates are trained by disc_pl's recipe on the training split
+        problems.append(Problem("manifold", "surrogates", Surrogates.BYO_NO_TRAINING_IMAGES))
+    if OmegaConf.select(cfg, "judge.root") is not None and OmegaConf.select(cfg, "judge.name") not in (None, "none"):
+        try:  # judge.root's folder (classes, disjointness), before any model is trained
+            judge_datamodule(cfg, dm, is_byo(OmegaConf.select(cfg, "models.classifier")))
+        except ConfigError as err:
+            problems += err.problems
     if problems:
         raise ConfigError(problems)
     return resolved["source"], resolved["target"]
+
+
+def training_images(dm: Any) -> int:
+    """How many images the datamodule's training split holds (0 where it has none)."""
+    try:
+        return len(dm.dataset("train"))
+    except (KeyError, ValueError, TypeError):
+        return 0
 
 
 def check_model_fits_data(model: Any, dm: Any, key: str, path: Any = None) -> None:

@@ -248,12 +248,18 @@ class DUQ(Manifold):
 class Surrogates(Manifold):
     """``SurrogateManifold``: ``k`` surrogate classifiers (the explained classifier's recipe and
     training data, seeds ``seed + 1000 (i + 1)``) whose mean cross entropy to the target,
-    weighted by ``weight``, is added to the DEP term (``dep``: true) of the explained one."""
+    weighted by ``weight``, is added to the DEP term (``dep``: true) of the explained one. A
+    bring-your-own classifier has no recipe here: its surrogates are trained by disc_pl's own
+    classifier recipe (``conf/model/classifier.yaml``) on the dataset's training images."""
 
     name = "surrogates"
-    #: Why a bring-your-own classifier is refused (by disc_pl.validate, and by job.build_manifold)
-    BYO_REFUSAL = ("trains surrogate classifiers from the explained classifier's recipe, and a "
-                   "bring-your-own classifier has none here: choose manifold=dep, duq or none")
+    #: Why a bring-your-own classifier is refused when the dataset gives no training images (by
+    #: disc_pl.validate.validate_with_data, and by job.build_manifold)
+    BYO_NO_TRAINING_IMAGES = (
+        "trains surrogate classifiers by disc_pl's recipe (conf/model/classifier.yaml) on the dataset's "
+        "training images for a bring-your-own classifier, and the training split is empty: give training "
+        "images (e.g. dataset=folder dataset.root=<a folder with one sub-folder of images per class>), "
+        "or choose manifold=dep, duq or none")
 
     def __init__(self, lambda_mc: float = 0.1, k: int = 4, weight: float = 10.0, dep: bool = True,
                  name: str | None = None) -> None:

@@ -136,6 +136,21 @@ class FolderDataModule(ImageDataModule):
         out["train"] = (paths, labels)
         return out
 
+    def image_files(self) -> list[Path]:
+        """Every image file under ``root``, whatever its split or role (sorted)."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [Path(dirpath) / f for f in sorted(filenames) if is_image_file(f)]
+        return found
+
+    def split_files(self, split: str) -> list[Path]:
+        """The image files of ``split`` (after the judges' part is taken out of train)."""
+        data = self.dataset(split)
+        positions = getattr(data, "positions", None)
+        paths = getattr(getattr(data, "base", data), "paths", [])
+        return [paths[i] for i in positions] if positions is not None else list(paths)
+
     def _fingerprint_args(self) -> dict[str, Any]:
         return {"root": str(self.root), "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
                 "seed": self.seed, "skip_corrupt": self.skip_corrupt}

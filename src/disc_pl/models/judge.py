@@ -13,7 +13,10 @@ did not see:
   trains on the rest (``role=explained``). Both roles are in the datamodules' fingerprints.
 - a bring-your-own classifier: its training data is unknown, so the judges train on the
   dataset's judge part (or, with ``judge_fraction=0``, the whole training split: then they may
-  share images with the user's classifier; a warning says so).
+  share images with the user's classifier; a warning says so);
+- ``judge.root`` (``dataset=folder``): a second folder with the same class sub-folders, images
+  a classifier trained elsewhere never saw; the judges train on its training split, and no
+  image of it may be one of ``dataset.root`` (compared by content).
 
 Judges are cached like every model (``<cache_dir>/judge-<key16>/judge.pt``, key = the judge
 config + the judge data's fingerprint + the judge's seed), trained once per data and reused by
@@ -21,6 +24,7 @@ every method, classifier seed and sweep job.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -51,13 +55,24 @@ def judge_dataset_config(dataset_cfg: DictConfig, datamodule: Any, judge_cfg: Di
     """The dataset config the judges train on (disjoint from the explained classifier's)."""
     sub = dataset_cfg.copy()
     how = getattr(datamodule, "judge_split", "fraction")
+    root = judge_cfg.get("root")
     with open_dict(sub):
         if sub.get("shortcut") is not None:  # the judges learn the task from clean images, never a planted cue
             sub.shortcut = None
-        if how == "seed":
+        if root is not None:  # a second folder: its whole training split
+            if not str(dataset_cfg.get("_target_", "")).endswith(".FolderDataModule"):
+                raise ConfigError.one("judge.root", root, (
+                    f"is a second image folder for dataset=folder; dataset={dataset_cfg.get('name')} gives its "
+                    "judges their own images (dataset.judge_fraction or another seed): set judge.root=null"))
+            sub.root, sub.role, sub.judge_fraction = str(root), "explained", 0.0
+        elif how == "seed":
             sub.seed = int(dataset_cfg.seed) + int(judge_cfg.data_seed_offset)
         elif float(dataset_cfg.get("judge_fraction", 0.0) or 0.0) > 0:
             sub.role = "judge"
+            if byo:
+                log.warning("judge: the judges train on the reserved dataset.judge_fraction of the training split; "
+                            "a classifier trained elsewhere may have seen those images (dataset=folder: give the "
+                            "judges a folder it never saw, judge.root=<folder>)")
         elif byo:
             log.warning("judge: dataset.judge_fraction=0, so the judges train on the whole training split; "
                         "a bring-your-own classifier may have seen the same images (set judge_fraction > 0 "
@@ -78,10 +93,36 @@ def check_independent(explained: Any, judge: Any) -> None:
         if fe.get("seed") == fj.get("seed"):
             raise RuntimeError("judge data uses the explained classifier's dataset seed")
         return
+    if fj.get("root") is not None and fj.get("root") != fe.get("root"):  # judge.root: another folder
+        _check_disjoint_folders(explained, judge)
+        return
     if fj.get("train_role") != "judge" or fe.get("train_role") != "explained":
         return  # byo with the whole split: warned in judge_dataset_config
     if set(explained.train_positions) & set(judge.train_positions):
         raise RuntimeError("judge and explained training positions overlap")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _check_disjoint_folders(explained: Any, judge: Any) -> None:
+    """``judge.root``'s training images must not be images of ``dataset.root`` (any of them: the
+    queries come from there): compared by content (size first, then sha256), so a copy counts."""
+    ours = explained.image_files()
+    sizes = {p.stat().st_size for p in ours}
+    candidates = [p for p in judge.split_files("train") if p.stat().st_size in sizes]
+    if not candidates:
+        return
+    their_sizes = {p.stat().st_size for p in candidates}
+    digests = {_digest(q): q for q in ours if q.stat().st_size in their_sizes}
+    for p in candidates:
+        twin = digests.get(_digest(p))
+        if twin is not None:
+            raise ConfigError.one("judge.root", str(judge.root), (
+                f"holds images of dataset.root (e.g. {p} is {twin}): the judges must train on images the "
+                "explained classifier never saw and that are not queries; remove them or point judge.root "
+                "at another folder"))
 
 
 def _stack_split(data: Any, limit: int | None) -> tuple[Tensor, Tensor]:
@@ -144,7 +185,18 @@ class _Lazy:
 def judge_datamodule(cfg: DictConfig, datamodule: Any, byo: bool = False) -> Any:
     """The judges' datamodule (set up, disjoint from the explained classifier's data)."""
     jdm = instantiate(judge_dataset_config(cfg.dataset, datamodule, cfg.judge, byo))
+    root = cfg.judge.get("root")
+    if root is not None and not jdm.root.is_dir():
+        raise ConfigError.one("judge.root", root, f"no such folder ({jdm.root}): give a folder with one sub-folder "
+                              "of images per class, as dataset.root, of images the explained classifier never saw")
+    if root is not None and jdm.root == getattr(datamodule, "root", None):
+        raise ConfigError.one("judge.root", root, "is dataset.root itself: give a second folder of images the "
+                              "explained classifier never saw, or judge.root=null (a reserved dataset.judge_fraction)")
     jdm.setup()
+    if root is not None and list(jdm.class_names) != list(datamodule.class_names):
+        raise ConfigError.one("judge.root", root, (
+            f"has the class sub-folders {list(jdm.class_names)}, dataset.root has {list(datamodule.class_names)}: "
+            "the judges' folder needs the same class names (one sub-folder per class)"))
     check_independent(datamodule, jdm)
     return jdm
 
