@@ -58,13 +58,13 @@ def test_byo_checkpoint_path_not_set_or_missing(tmp_path):
 
 
 def test_byo_classifier_with_surrogates_passes_the_config_check(tmp_path):
-    """The default manifold is no longer refused for a bring-your-own classifier: its surrogates
+    """manifold=surrogates is no longer refused for a bring-your-own classifier: its surrogates
     are trained by disc_pl's recipe (refused only without training images: tests/test_own_data.py)."""
     from disc_pl.validate import validate_run_config
 
     weights = tmp_path / "w.pt"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), weights)
-    validate_run_config(run_cfg(tmp_path, *BYO[:2], f"models.classifier.path={weights}"))  # the default manifold
+    validate_run_config(run_cfg(tmp_path, *BYO[:2], f"models.classifier.path={weights}", "manifold=surrogates"))
     assert entries(tmp_path / "cache") == []
 
 

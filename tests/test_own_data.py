@@ -1,6 +1,6 @@
 """Your own classifier and images (issue 29, parts 1-2).
 
-- A bring-your-own classifier gets the default method: its surrogate classifiers are trained by
+- A bring-your-own classifier gets manifold=surrogates: its surrogate classifiers are trained by
   disc_pl's own recipe (conf/model/classifier.yaml) on the dataset's training images, cached,
   and metrics.json says so (``manifold/surrogates_recipe``).
 - ``dataset=folder`` judges with no extra flags (a reserved ``judge_fraction`` of the folder that
@@ -61,10 +61,9 @@ def _config(path: Path) -> dict:
 def test_byo_classifier_runs_the_default_method_with_disc_pl_surrogates(tmp_path):
     root = make_own_folder(tmp_path / "imgs", per_class=20, seed=TEST_SEED)
     cache = tmp_path / "cache"
-    overrides = [*FOLDER, f"dataset.root={root}", *_byo(tmp_path), "manifold.k=2", f"cache_dir={cache}"]
-    cfg = compose_cfg(overrides)
-    assert cfg.manifold.name == "surrogates"  # the default method, no manifold override
-    metrics = run_lib.run(cfg, out_dir=tmp_path / "out")
+    overrides = [*FOLDER, f"dataset.root={root}", *_byo(tmp_path), "manifold=surrogates", "manifold.k=2",
+                 f"cache_dir={cache}"]
+    metrics = run_lib.run(compose_cfg(overrides), out_dir=tmp_path / "out")
     assert metrics["cf/queries"] == 2
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["manifold/surrogates_recipe"] == "disc_pl"
@@ -87,8 +86,8 @@ def test_byo_classifier_runs_the_default_method_with_disc_pl_surrogates(tmp_path
 
 
 def test_surrogate_recipe_and_its_record():
-    ours = compose_cfg(["manifold.k=1"])
-    byo = compose_cfg(["model@models.classifier=byo", "models.classifier.path=/x.pt"])
+    ours = compose_cfg(["manifold=surrogates"])
+    byo = compose_cfg(["manifold=surrogates", "model@models.classifier=byo", "models.classifier.path=/x.pt"])
     assert surrogate_recipe(ours) is ours.models.classifier
     assert surrogate_recipe(byo) == OmegaConf.load(Path(CONF_DIR) / "model" / "classifier.yaml")
     manifold = instantiate(ours.manifold)
@@ -101,7 +100,8 @@ def test_byo_surrogates_are_refused_only_without_training_images(tmp_path, monke
     from disc_pl.data.folder import FolderDataModule
 
     root = make_own_folder(tmp_path / "imgs", per_class=6)
-    cfg = compose_cfg([*FOLDER, f"dataset.root={root}", *_byo(tmp_path), f"cache_dir={tmp_path / 'cache'}"])
+    cfg = compose_cfg([*FOLDER, f"dataset.root={root}", *_byo(tmp_path), "manifold=surrogates",
+                       f"cache_dir={tmp_path / 'cache'}"])
     dm = instantiate(cfg.dataset)
     dm.setup()
     validate_with_data(cfg, dm)  # training images given: accepted
