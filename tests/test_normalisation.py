@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from disc_pl.data.folder import FolderDataModule
 from disc_pl.data.stats import MIN_STD, channel_stats, with_data_stats
 from disc_pl.models.cache import safe_load
+from disc_pl.utils import CONF_DIR
 
 from hardening_support import subprocess_env
 
@@ -90,7 +92,8 @@ def test_grayscale_folder_runs_with_no_normalisation_flag(tmp_path):
     # the checkpoint holds the training split's statistics, one value per (gray) channel
     ckpt = next(cache.glob("classifier-*/model.ckpt"))
     hparams = safe_load(ckpt)["hyper_parameters"]
-    dm = FolderDataModule(root=str(root), image_size=8, channels=1, num_workers=0)
+    reserved = OmegaConf.load(Path(CONF_DIR) / "dataset" / "folder.yaml").judge_fraction  # the judges' part
+    dm = FolderDataModule(root=str(root), image_size=8, channels=1, num_workers=0, judge_fraction=reserved)
     dm.setup()
     expected = channel_stats(dm.dataset("train"))
     assert (hparams["mean"], hparams["std"]) == expected and len(expected[0]) == 1
