@@ -31,7 +31,7 @@ from disc_pl.cf import precision as amp
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
 from disc_pl.models.byo import is_byo  # noqa: F401 (re-exported)
 from disc_pl.models.fit import RECIPE_KEYS
-from disc_pl.models.judge import judge_datamodule
+from disc_pl.models.judge import judge_datamodule, judges_enabled
 
 CONF_DIR = Path(utils.CONF_DIR)
 SPLITS = ("train", "val", "test")
@@ -564,7 +564,7 @@ def validate_with_data(cfg: DictConfig, dm: Any) -> tuple[int, int]:
             and str(manifold.get("_target_", "")).endswith(".Surrogates") and not training_images(dm)):
         # a bring-your-own classifier's surrogates are trained by disc_pl's recipe on the training split
         problems.append(Problem("manifold", "surrogates", Surrogates.BYO_NO_TRAINING_IMAGES))
-    if OmegaConf.select(cfg, "judge.root") is not None and OmegaConf.select(cfg, "judge.name") not in (None, "none"):
+    if judges_enabled(cfg) and cfg.judge.get("root") is not None:
         try:  # judge.root's folder (classes, disjointness), before any model is trained
             judge_datamodule(cfg, dm, is_byo(OmegaConf.select(cfg, "models.classifier")))
         except ConfigError as err:
