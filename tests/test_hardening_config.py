@@ -67,7 +67,7 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["seed=-1"], "seed", "-1", "must be an integer in 0..4294967295"),
     (["cpu_allocator=jemalloc"], "cpu_allocator", "'jemalloc'", "must be one of retain, system"),
     (["models.classifier.use_dep=false"], "models.classifier.use_dep", "false",
-     "manifold=surrogates needs the classifier's DEP loss predictor: set models.classifier.use_dep=true"),
+     "manifold=robust needs the classifier's DEP loss predictor: set models.classifier.use_dep=true"),
     (["manifold=dep", "models.classifier.use_dep=false"], "models.classifier.use_dep", "false",
      "manifold=dep needs the classifier's DEP loss predictor: set models.classifier.use_dep=true"),
     (["localize.grid=64"], "localize.grid", "64", "cannot be finer than the 32x32 image"),
@@ -105,7 +105,7 @@ def test_image_size_the_prior_cannot_handle_names_size_and_valid_sizes(tmp_path)
 
 
 def test_stage_groups_the_prior_does_not_have(tmp_path):
-    err = run_fails(tmp_path, ["prior.hparams.depth=2"])  # default stages name hidden2
+    err = run_fails(tmp_path, ["prior=inr", "prior.hparams.depth=2"])  # inr's stages name hidden2
     assert err.key == "prior.stages[1]" and err.value == ["hidden2", "out"]
     assert "hidden0, hidden1, out" in err.allowed
 
@@ -113,11 +113,11 @@ def test_stage_groups_the_prior_does_not_have(tmp_path):
 @pytest.mark.parametrize("overrides, key, hint", [
     (["prior=tv", "+prior.recon.sizes=[16]"], "prior.recon.sizes", "full size only"),
     (["prior=dip", "+prior.sizes=[16,null,null]"], "prior.sizes", "full size only"),
-    (["prior.early_size=null", "prior.sizes=[16,null]"], "prior.sizes", "one entry per stage"),
-    (["prior.sizes=[16,null,null]"], "prior.early_size", "must be null when prior.sizes"),
+    (["prior=inr", "prior.early_size=null", "prior.sizes=[16,null]"], "prior.sizes", "one entry per stage"),
+    (["prior=inr", "prior.sizes=[16,null,null]"], "prior.early_size", "must be null when prior.sizes"),
     (["prior=dip", "+prior.early_size=16"], "prior.early_size", "full size only"),
-    (["prior.early_size=2"], "prior.early_size", ">= 4"),
-    (["prior.recon.sizes=[2]"], "prior.recon.sizes", ">= 4"),
+    (["prior=inr", "prior.early_size=2"], "prior.early_size", ">= 4"),
+    (["prior=inr", "prior.recon.sizes=[2]"], "prior.recon.sizes", ">= 4"),
 ])
 def test_coarse_to_fine_grids_the_prior_cannot_render(tmp_path, overrides, key, hint):
     err = run_fails(tmp_path, overrides)
@@ -139,7 +139,7 @@ def test_prior_semantic_weight_must_be_a_non_negative_number(tmp_path):
 
 
 def test_unknown_generator_hparam_lists_the_parameters(tmp_path):
-    err = run_fails(tmp_path, ["+prior.hparams.hiden=3"])
+    err = run_fails(tmp_path, ["prior=inr", "+prior.hparams.hiden=3"])
     assert err.key == "prior.hparams.hiden" and "hidden" in err.allowed and "n_frequencies" in err.allowed
 
 

@@ -27,7 +27,7 @@ def test_each_shipped_option_builds_its_object(override, kind):
 
 
 def test_command_line_overrides_reach_the_objects_and_the_options():
-    cfg = compose_cfg(["manifold=duq", "manifold.lambda_mc=0.3", "manifold.margin=0.2", "space.lambda_sem=2.5",
+    cfg = compose_cfg(["prior=inr", "manifold=duq", "manifold.lambda_mc=0.3", "manifold.margin=0.2", "space.lambda_sem=2.5",
                        "space.layers=[1,3]", "localize.grid=4", "localize.fallback=false", "localize.lambda_area=7",
                        "inversion.target_confidence=0.99", "inversion.eot_views=2", "inversion.eot_hflip=true"])
     options, _ = inversion_options(cfg)
@@ -67,7 +67,7 @@ def test_a_priors_semantic_scale_multiplies_the_spaces_weight_and_reaches_its_fa
 
 def test_the_prior_config_sets_each_stage_grid():
     def sizes(overrides):
-        return [s.size for s in inversion_options(compose_cfg(overrides))[0].stages]
+        return [s.size for s in inversion_options(compose_cfg(["prior=inr", *overrides]))[0].stages]
     assert sizes([]) == [48, 48, None]  # early_size: every stage but the last
     assert sizes(["prior.stages=[[out],[all]]"]) == [48, None]  # follows the number of stages
     assert sizes(["prior.early_size=null"]) == [None, None, None]
