@@ -395,7 +395,7 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
     out = tmp_path / "eval"
     args = ["dataset.n_train=600", "dataset.n_val=100", "dataset.n_test=200", "models.classifier.width=8",
             "models.classifier.fit.trainer.max_epochs=2", "trainer.enable_progress_bar=false",
-            "prior.recon.max_steps=20", "prior.recon.psnr_target=25", "inversion.steps_per_stage=5",
+            "prior=inr", "prior.recon.max_steps=20", "prior.recon.psnr_target=25", "inversion.steps_per_stage=5",
             "inversion.min_steps=1", "prior.hparams.hidden=32", "prior.hparams.depth=2",
             "prior.stages=[[all]]", "logger=none", "cd.enabled=false", "query.count=3",
             "query.require_correct=false", "judge.k=2", "judge.epochs=1", "judge.width=4", "judge.max_train=200",
