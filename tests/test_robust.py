@@ -192,3 +192,17 @@ def test_robust_manifold_term_and_objective_wiring():
     assert list(made.models) == nets and made.cone_angle == 30.0 and made.dep is None
     with pytest.raises(ConfigError, match="cone_angle"):
         Robust(cone_angle=90)
+
+
+def test_bad_robust_and_realism_settings_are_refused_before_any_work():
+    from conftest import compose_cfg
+
+    from disc_pl.validate import validate_run_config
+
+    validate_run_config(compose_cfg(["judge=ensemble"]))  # the defaults pass
+    cfg = compose_cfg(["judge=ensemble", "judge.robust.eps=0", "judge.realism.latent=0", "manifold.recipe.steps=0",
+                       "manifold.recipe.max_train=1"])
+    with pytest.raises(ConfigError) as err:
+        validate_run_config(cfg)
+    assert {"judge.robust.eps", "judge.realism.latent", "manifold.recipe.steps",
+            "manifold.recipe.max_train"} <= {p.key for p in err.value.problems}

@@ -31,7 +31,9 @@ from disc_pl.cf import precision as amp
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
 from disc_pl.models.byo import is_byo  # noqa: F401 (re-exported)
 from disc_pl.models.fit import RECIPE_KEYS
-from disc_pl.models.judge import judge_datamodule, judges_enabled
+from disc_pl.models.judge import judge_datamodule, judges_enabled, robust_settings
+from disc_pl.models.realism import ae_settings
+from disc_pl.models.robust import robust_recipe
 
 CONF_DIR = Path(utils.CONF_DIR)
 SPLITS = ("train", "val", "test")
@@ -414,6 +416,8 @@ def _check_parts(ch: _Checks) -> None:
             ch.add(err.key, err.value, err.allowed)
     if manifold is None:
         return
+    if getattr(manifold, "needs_robust", 0):
+        _collect(ch, lambda: robust_recipe(manifold.recipe))
     if manifold.needs_dep and ours and ch.get("models.classifier.use_dep") is False:
         ch.add("models.classifier.use_dep", False, f"manifold={manifold.name} needs the classifier's DEP loss "
                "predictor: set models.classifier.use_dep=true (the default), or choose manifold=duq "
@@ -427,6 +431,27 @@ def _check_parts(ch: _Checks) -> None:
                    "model@models.duq=duq, or choose manifold=dep or manifold=none")
         else:
             _check_model(ch, "models.duq")  # models.duq is only trained when a manifold needs it
+
+
+def _collect(ch: _Checks, check: Any) -> None:
+    """Run a builder's own check; its ConfigError's problems join the others."""
+    try:
+        check()
+    except ConfigError as err:
+        for p in err.problems:
+            ch.add(p.key, p.value, p.allowed)
+
+
+def _check_judges(ch: _Checks) -> None:
+    """The robust judges' and the realism autoencoders' settings (judge=ensemble), before any
+    work: they are only used after the counterfactuals are made."""
+    if not judges_enabled(ch.cfg):
+        return
+    judge = ch.cfg.judge
+    _collect(ch, lambda: robust_settings(judge))
+    realism = judge.get("realism")
+    if realism and bool(realism.get("enabled", True)):
+        _collect(ch, lambda: ae_settings(realism))
 
 
 def _check_prior(ch: _Checks) -> None:
@@ -510,6 +535,7 @@ def validate_run_config(cfg: DictConfig) -> None:
     _check_output(ch)
     _check_parts(ch)
     _check_prior(ch)
+    _check_judges(ch)
     if OmegaConf.select(cfg, "logger") is not None:
         _check_target_keys(ch, "logger")
     ch.raise_if_any()

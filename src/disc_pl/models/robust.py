@@ -67,15 +67,19 @@ def l2_pgd(net: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, steps: int
     return (x + delta).clamp(0, 1).detach()
 
 
+def _robust_checks(rc: Mapping[str, Any]) -> list[tuple[str, Any, bool, str]]:
+    eps, steps = rc.get("eps"), rc.get("steps")
+    warm, ramp = rc.get("warmup_epochs"), rc.get("ramp_epochs")
+    return [("eps", eps, is_number(eps, 0, low_open=True), "an L2 radius > 0 in [0, 1] pixel units (e.g. 0.25)"),
+            ("steps", steps, is_integer(steps, 1), "an integer >= 1 (PGD steps per minibatch)"),
+            ("warmup_epochs", warm, is_integer(warm, 0), "an integer >= 0"),
+            ("ramp_epochs", ramp, is_integer(ramp, 0), "an integer >= 0")]
+
+
 def check_robust_config(where: str, rc: Mapping[str, Any]) -> dict[str, Any]:
     """The plain robust-training settings of ``rc``; one ConfigError naming every bad key."""
-    out = {k: rc.get(k) for k in ROBUST_KEYS}
-    require(where, [("eps", out["eps"], is_number(out["eps"], 0, low_open=True),
-                     "an L2 radius > 0 in [0, 1] pixel units (e.g. 0.25)"),
-                    ("steps", out["steps"], is_integer(out["steps"], 1), "an integer >= 1 (PGD steps per minibatch)"),
-                    ("warmup_epochs", out["warmup_epochs"], is_integer(out["warmup_epochs"], 0), "an integer >= 0"),
-                    ("ramp_epochs", out["ramp_epochs"], is_integer(out["ramp_epochs"], 0), "an integer >= 0")])
-    return out
+    require(where, _robust_checks(rc))
+    return {k: rc.get(k) for k in ROBUST_KEYS}
 
 
 def eps_at(epoch: int, robust: Mapping[str, Any]) -> float:
@@ -145,8 +149,7 @@ RECIPE_KEYS = ("width", "epochs", "lr", "batch_size", "weight_decay", "hflip", "
 def robust_recipe(recipe: Any) -> dict[str, Any]:
     """The plain recipe of a robust manifold model (``manifold.recipe``), checked."""
     plain = {k: to_plain(recipe.get(k)) if recipe is not None else None for k in RECIPE_KEYS}
-    check_robust_config("manifold.recipe", plain)
-    require("manifold.recipe", [
+    require("manifold.recipe", [*_robust_checks(plain),
         ("width", plain["width"], is_integer(plain["width"], 1), "an integer >= 1 (SmallCNN width)"),
         ("epochs", plain["epochs"], is_integer(plain["epochs"], 1), "an integer >= 1"),
         ("lr", plain["lr"], is_number(plain["lr"], 0, low_open=True), "a number > 0"),
