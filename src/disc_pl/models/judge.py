@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
@@ -136,34 +135,6 @@ def build_judge(channels: int, image_size: int, num_classes: int, width: int) ->
                     mean=[0.5] * channels, std=[0.25] * channels)
 
 
-def _fit(net: nn.Module, x: Tensor, y: Tensor, seed: int, jc: dict[str, Any]) -> None:
-    gen = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.Adam(net.parameters(), lr=float(jc["lr"]), weight_decay=float(jc["weight_decay"]))
-    shift, noise = int(jc["max_shift"]), float(jc["noise"])
-    with torch.inference_mode(False), torch.enable_grad():
-        net.train()
-        for _ in range(int(jc["epochs"])):
-            order = torch.randperm(len(x), generator=gen)
-            for start in range(0, len(x), int(jc["batch_size"])):
-                idx = order[start:start + int(jc["batch_size"])]
-                if len(idx) < 2:
-                    continue
-                xb = x[idx]
-                if jc["hflip"]:
-                    flip = torch.rand(len(idx), generator=gen) < 0.5
-                    xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-                if shift:
-                    dy, dx = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
-                    xb = torch.roll(xb, (dy, dx), dims=(2, 3))
-                if noise:
-                    xb = (xb + noise * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
-                loss = F.cross_entropy(net(xb), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    net.eval()
-
-
 @torch.no_grad()
 def accuracy(net: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
     pred = torch.cat([net(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
@@ -219,7 +190,7 @@ def ensure_judges(cfg: DictConfig, datamodule: Any, byo: bool = False, jdm: Any 
         def fit(net: nn.Module, seed: int = seed, i: int = i) -> None:
             x, y = data()
             log.info("training judge %d/%d (%d images)", i + 1, k, len(x))
-            _fit(net, x, y, seed, train)
+            adversarial_fit(net, x, y, seed, train, None)  # plain: no attack
         judges.append(cached_net(Path(str(cfg.cache_dir)), "judge",
                                  {"train": train, "data": jdm.fingerprint(), "seed": seed}, build, fit))
     return judges, jdm

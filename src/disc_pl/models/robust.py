@@ -93,8 +93,9 @@ def eps_at(epoch: int, robust: Mapping[str, Any]) -> float:
 
 
 def adversarial_fit(net: nn.Module, x: Tensor, y: Tensor, seed: int, train: Mapping[str, Any],
-                    robust: Mapping[str, Any]) -> None:
-    """Trains ``net`` in place on (x, y) with L2 PGD adversarial examples (module docstring).
+                    robust: Mapping[str, Any] | None) -> None:
+    """Trains ``net`` in place on (x, y) with L2 PGD adversarial examples (module docstring);
+    ``robust=None``: plainly, on the augmented images alone (the plain judges).
 
     ``train``: epochs, lr, batch_size, weight_decay, hflip, max_shift, noise (the judges'
     recipe keys); ``robust``: eps, steps, warmup_epochs, ramp_epochs."""
@@ -104,7 +105,7 @@ def adversarial_fit(net: nn.Module, x: Tensor, y: Tensor, seed: int, train: Mapp
     epochs = int(train["epochs"])
     with torch.inference_mode(False), torch.enable_grad():
         for epoch in range(epochs):
-            eps = eps_at(epoch, robust)
+            eps = eps_at(epoch, robust) if robust is not None else 0.0
             order = torch.randperm(len(x), generator=gen)
             for start in range(0, len(x), bs):
                 idx = order[start:start + bs]
@@ -128,18 +129,6 @@ def adversarial_fit(net: nn.Module, x: Tensor, y: Tensor, seed: int, train: Mapp
                 loss.backward()
                 opt.step()
     net.eval()
-
-
-@torch.no_grad()
-def robust_accuracy(net: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10, batch: int = 256,
-                    seed: int = 0) -> float:
-    """Accuracy of ``net`` under an untargeted L2 PGD attack of radius ``eps``."""
-    gen = torch.Generator().manual_seed(int(seed))
-    hits = 0
-    for i in range(0, len(x), batch):
-        adv = l2_pgd(net, x[i:i + batch], y[i:i + batch], eps, steps, generator=gen)
-        hits += int((net(adv).argmax(1) == y[i:i + batch]).sum())
-    return hits / max(len(x), 1)
 
 
 RECIPE_KEYS = ("width", "epochs", "lr", "batch_size", "weight_decay", "hflip", "max_shift", "noise", "max_train",
