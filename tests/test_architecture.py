@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "disc_pl"
 # Lowest first. A module may import its own layer (without a circle) and the layers below.
 LAYERS = [
     {"errors", "utils", "allocator"},
-    {"nets", "data", "metrics", "tracking", "console", "viz", "figures", "report_html"},
+    {"nets", "data", "metrics", "tracking", "console", "viz", "figures", "report_html", "checks"},
     {"cf"},
     {"models"},
     {"validate"},

@@ -147,14 +147,16 @@ def test_report_pools_seed_replicates_and_keeps_other_overrides_apart(tmp_path):
 
 
 def test_report_names_a_fallback_prior_in_the_method(tmp_path):
-    """prior=warp prior.fallback=inr is its own method, "LSO+Warp/INR+DEP", beside plain warp."""
+    """A warp with its INR fallback (a composed prior config at prior.fallback; a name in runs
+    made before) is its own method, "LSO+Warp/INR+DEP", beside plain warp."""
     row = [{"query_id": 0, "flipped": "True", "mse": 1.0, "concentration": 0.5, "in_mask": ""}]
-    write_report_job(tmp_path, "0", ["prior=warp"], "warp", {}, row)
-    write_report_job(tmp_path, "1", ["prior=warp", "prior.fallback=inr"], "warp", {}, row)
-    cfg = tmp_path / "1" / ".hydra" / "config.yaml"
-    cfg.write_text(cfg.read_text().replace("prior: {name: warp}", "prior: {name: warp, fallback: inr}"))
-    names = sorted(m.name for m in report_lib.group_methods(report_lib.find_jobs(tmp_path)))
-    assert names == ["LSO+Warp+DEP", "LSO+Warp/INR+DEP"]
+    for job, fallback in (("0", None), ("1", "{name: inr, lr: 0.001}"), ("2", "inr")):
+        write_report_job(tmp_path / job, "0", ["prior=warp"], "warp", {}, row)
+        if fallback is not None:
+            cfg = tmp_path / job / "0" / ".hydra" / "config.yaml"
+            cfg.write_text(cfg.read_text().replace("prior: {name: warp}", f"prior: {{name: warp, fallback: {fallback}}}"))
+        names = [m.name for m in report_lib.group_methods(report_lib.find_jobs(tmp_path / job))]
+        assert names == ["LSO+Warp/INR+DEP" if fallback else "LSO+Warp+DEP"]
 
 
 @pytest.mark.slow

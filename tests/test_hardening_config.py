@@ -60,8 +60,8 @@ def test_misspelled_key_is_rejected_by_struct_config_and_by_validation(tmp_path)
     (["inversion.target_margin=1.5"], "inversion.target_margin", "1.5", "< 1"),
     (["inversion.target_confidence=0.1"], "inversion.target_confidence", "0.1", "must be >= inversion.target_margin"),
     (["inversion.target_confidence=1.0"], "inversion.target_confidence", "1.0", "must be null or a number in [0, 1)"),
-    (["inversion.eot_views=-1"], "inversion.eot_views", "-1", "must be an integer >= 0"),
-    (["inversion.eot_hflip=maybe"], "inversion.eot_hflip", "'maybe'", "must be true or false"),
+    (["term=[eot]", "term.eot.views=0"], "term.eot.views", "0", "must be an integer >= 1"),
+    (["term=[eot]", "term.eot.hflip=maybe"], "term.eot.hflip", "'maybe'", "must be true or false"),
     (["query.source=smiling", "query.target=smiling"], "query.target", "'smiling'",
      "must differ from query.source='smiling'"),
     (["seed=-1"], "seed", "-1", "must be an integer in 0..4294967295"),
@@ -124,18 +124,26 @@ def test_coarse_to_fine_grids_the_prior_cannot_render(tmp_path, overrides, key, 
     assert err.key == key and hint in str(err)
 
 
-@pytest.mark.parametrize("fallback", ["warp", "gan", 3])
-def test_prior_fallback_must_be_another_prior(tmp_path, fallback):
-    """prior.fallback names the prior that takes over unflipped queries: itself, an unknown
-    name or a number is refused with the other priors listed."""
-    err = run_fails(tmp_path, ["prior=warp", f"prior.fallback={fallback}"])
+@pytest.mark.parametrize("fallback", ["inr", 3])
+def test_prior_fallback_must_be_a_composed_prior_config(tmp_path, fallback):
+    """prior.fallback is a prior config composed by Hydra (+prior@prior.fallback=inr): a name or a
+    number set as a value is refused with the way to choose one."""
+    err = run_fails(tmp_path, ["prior=inr", f"+prior.fallback={fallback}"])
     assert err.key == "prior.fallback" and err.value == fallback
-    assert "dip, inr, tv" in err.allowed and "warp," not in err.allowed
+    assert "+prior@prior.fallback=<dip|inr|tv|warp>" in err.allowed
+
+
+def test_a_fallback_priors_settings_are_checked_like_the_priors(tmp_path):
+    err = run_fails(tmp_path, ["prior=warp", "prior.fallback.lr=0", "prior.fallback.hparams.depth=-1"])
+    assert [p.key for p in err.problems][:1] == ["prior.fallback.lr"]
+    err = run_fails(tmp_path, ["prior=inr", "+prior@prior.fallback=warp"])  # warp brings its own INR fallback
+    assert err.key == "prior.fallback.fallback" and "prior.fallback.fallback=null" in err.allowed
 
 
 def test_prior_semantic_weight_must_be_a_non_negative_number(tmp_path):
-    err = run_fails(tmp_path, ["prior.lambda_sem_scale=-1"])
-    assert err.key == "prior.lambda_sem_scale" and err.value == -1 and ">= 0" in err.allowed
+    err = run_fails(tmp_path, ["prior.lambda_sem=-1"])  # space.lambda_sem, which defaults to it, too
+    bad = {p.key: p for p in err.problems}
+    assert bad["prior.lambda_sem"].value == -1 and ">= 0" in bad["prior.lambda_sem"].allowed
 
 
 def test_unknown_generator_hparam_lists_the_parameters(tmp_path):

@@ -29,9 +29,11 @@ def test_each_shipped_option_builds_its_object(override, kind):
 def test_command_line_overrides_reach_the_objects_and_the_options():
     cfg = compose_cfg(["prior=inr", "manifold=duq", "manifold.lambda_mc=0.3", "manifold.margin=0.2", "space.lambda_sem=2.5",
                        "space.layers=[1,3]", "localize.grid=4", "localize.fallback=false", "localize.lambda_area=7",
-                       "inversion.target_confidence=0.99", "inversion.eot_views=2", "inversion.eot_hflip=true"])
+                       "inversion.target_confidence=0.99", "term=[eot,palette]", "term.eot.views=2",
+                       "term.eot.hflip=true"])
     options, _ = inversion_options(cfg)
-    assert options.target_confidence == 0.99 and options.eot_views == 2 and options.eot_hflip is True
+    assert options.target_confidence == 0.99 and [t.name for t in options.terms] == ["eot", "palette"]
+    assert options.terms[0].views == 2 and options.terms[0].hflip is True
     assert options.lambda_mc == 0.3 and options.lambda_sem == 2.5
     assert isinstance(options.space, LatentSpace) and options.space.layers == (1, 3)
     assert options.gate == GateOptions(grid=4, fallback=False, lambda_area=7.0)
@@ -40,29 +42,38 @@ def test_command_line_overrides_reach_the_objects_and_the_options():
 
 
 def test_prior_fallback_runs_with_the_fallback_priors_own_schedule_and_the_rest_of_the_options():
-    """prior=warp prior.fallback=inr: the fallback's lr, stages and generator are conf/prior/inr.yaml's,
-    every other option (gate, lambdas, confidence) is the run's; no fallback: None."""
-    cfg = compose_cfg(["prior=warp", "prior.fallback=inr", "space.lambda_sem=0.5", "inversion.target_confidence=0.99"])
+    """prior=warp composes conf/prior/inr.yaml at prior.fallback (Hydra): the fallback's lr,
+    stages and generator are the INR's, overridable on the command line (prior.fallback.lr);
+    every other option (gate, lambdas, confidence) is the run's; prior.fallback=null: None."""
+    cfg = compose_cfg(["prior=warp", "space.lambda_sem=0.5", "inversion.target_confidence=0.99",
+                       "prior.fallback.lr=0.004", "prior.fallback.hparams.hidden=32"])
     options, factory = inversion_options(cfg)
     inr = compose_cfg(["prior=inr"])
     fb = options.fallback
     assert fb.name == "inr" and fb.options.fallback is None
-    assert fb.options.lr == inr.prior.lr and [s.groups for s in fb.options.stages] == [list(g) for g in inr.prior.stages]
-    assert fb.options.lambda_sem == pytest.approx(0.5 * 0.6) and fb.options.target_confidence == 0.99
+    assert fb.options.lr == 0.004 and [s.groups for s in fb.options.stages] == [list(g) for g in inr.prior.stages]
+    assert fb.options.recon_steps == inr.prior.recon.max_steps
+    assert fb.options.lambda_sem == 0.5 and fb.options.target_confidence == 0.99
     assert fb.options.gate == options.gate
-    assert type(fb.prior(torch.rand(1, 3, 32, 32), [0])).__name__ == "INRPrior"
+    generator, default = (f(torch.rand(1, 3, 32, 32), [0]) for f in (fb.prior, instantiate(inr.prior.hparams)))
+    size = [sum(p.numel() for p in g.parameters()) for g in (generator, default)]
+    assert type(generator).__name__ == "INRPrior" and size[0] < size[1]  # hidden 32, not 128
     assert type(factory(torch.rand(1, 3, 32, 32), [0])).__name__ == "WarpPrior"
     assert inversion_options(compose_cfg(["prior=warp", "prior.fallback=null"]))[0].fallback is None
+    assert inversion_options(compose_cfg(["prior=inr"]))[0].fallback is None
+    other = inversion_options(compose_cfg(["prior=tv", "+prior@prior.fallback=dip"]))[0].fallback
+    assert other.name == "dip" and other.options.lr == compose_cfg(["prior=dip"]).prior.lr
 
 
-def test_a_priors_semantic_scale_multiplies_the_spaces_weight_and_reaches_its_fallback():
-    """lambda1 = space.lambda_sem x prior.lambda_sem_scale (warp: 0.6, the others 1), for the run
-    and for its fallback prior's run."""
-    both = ["prior=warp", "prior.fallback=inr", "space.lambda_sem=2.0"]
-    options, _ = inversion_options(compose_cfg([*both, "prior.lambda_sem_scale=0.25"]))
-    assert options.lambda_sem == 0.5 and options.fallback.options.lambda_sem == 0.5
-    assert inversion_options(compose_cfg(both))[0].lambda_sem == pytest.approx(1.2)
-    assert inversion_options(compose_cfg(["prior=inr", "space.lambda_sem=2.0"]))[0].lambda_sem == 2.0
+def test_the_semantic_weight_defaults_to_the_priors_and_reaches_its_fallback():
+    """lambda1 = space.lambda_sem, whose default is the prior's prior.lambda_sem (warp: 0.6; the
+    others have none: 1.0); set on the command line it wins, for the run and its fallback's."""
+    assert inversion_options(compose_cfg(["prior=warp"]))[0].lambda_sem == 0.6
+    assert inversion_options(compose_cfg(["prior=warp", "prior.lambda_sem=0.25"]))[0].lambda_sem == 0.25
+    options, _ = inversion_options(compose_cfg(["prior=warp", "space.lambda_sem=2.0"]))
+    assert options.lambda_sem == 2.0 and options.fallback.options.lambda_sem == 2.0
+    assert inversion_options(compose_cfg(["prior=inr"]))[0].lambda_sem == 1.0
+    assert inversion_options(compose_cfg(["prior=inr", "space=iso"]))[0].lambda_sem == 1.0
 
 
 def test_the_prior_config_sets_each_stage_grid():

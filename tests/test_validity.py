@@ -359,21 +359,23 @@ def test_random_views_with_hflip_mirror_some_images_exactly():
 
 
 def test_eot_options_are_validated():
-    from disc_pl.cf.engine import InversionOptions
+    from disc_pl.cf.objective import EOTTerm
 
-    with pytest.raises(ValueError, match="eot_views"):
-        InversionOptions(eot_views=-1)
-    assert InversionOptions(eot_views=2).eot_views == 2
-    with pytest.raises(ValueError, match="eot_hflip"):
-        InversionOptions(eot_hflip="yes")  # a truthy string is not silently taken as true
-    assert InversionOptions(eot_hflip=True).eot_hflip is True
+    with pytest.raises(ValueError, match="term.eot.views"):
+        EOTTerm(views=0)
+    assert EOTTerm(views=2).views == 2
+    with pytest.raises(ValueError, match="term.eot.hflip"):
+        EOTTerm(hflip="yes")  # a truthy string is not silently taken as true
+    assert EOTTerm(hflip=True).hflip is True
 
 
 def test_eot_objective_runs_and_status_matches_the_unviewed_image(toy_classifier, toy_queries):
     from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
 
     images, targets, _ = toy_queries
-    opts = InversionOptions(lr=3e-3, recon_steps=0, target_margin=0.2, gate=None, eot_views=2,
+    from disc_pl.cf.objective import EOTTerm
+
+    opts = InversionOptions(lr=3e-3, recon_steps=0, target_margin=0.2, gate=None, terms=[EOTTerm(views=2)],
                             stages=[Stage(["all"], 20, 5)])
     out = generate_counterfactuals(toy_classifier, images[:2], targets[:2], prior="tv", options=opts)
     assert out.images.shape == images[:2].shape and out.images.min() >= 0 and out.images.max() <= 1
@@ -468,9 +470,9 @@ def test_palette_term_equals_the_hand_computed_nearest_colour_distance():
     pal = farthest_colours(img, 2)
     assert pal.shape == (1, 2, 3) and torch.allclose(pal[0, 1], torch.tensor([1.0, 0.0, 0.0]))
     assert "palette" not in [t.name for t in default_objective(InversionOptions())]
-    assert "palette" in [t.name for t in default_objective(InversionOptions(lambda_palette=3.0))]
-    with pytest.raises(ValueError, match="lambda_palette"):
-        InversionOptions(lambda_palette=-1.0)
+    assert "palette" in [t.name for t in default_objective(InversionOptions(terms=[PaletteTerm(3.0)]))]
+    with pytest.raises(ValueError, match="term.palette.weight"):
+        PaletteTerm(-1.0)
 
 
 def test_change_tv_term_equals_the_hand_computed_total_variation_of_the_change():
@@ -484,5 +486,5 @@ def test_change_tv_term_equals_the_hand_computed_total_variation_of_the_change()
     step = Step(x=x, logits=torch.zeros(2, 2), feats=[], query=query, source=torch.zeros(2, dtype=torch.long),
                 target=torch.ones(2, dtype=torch.long), idx=torch.arange(2), prior=None, mask=None)
     torch.testing.assert_close(ChangeTVTerm()(step, None), torch.tensor([2 * 0.3 / 6 + 2 * 0.3 / 6, 0.0]))
-    assert "change_tv" in [t.name for t in default_objective(InversionOptions(lambda_change_tv=1.0))]
+    assert "change_tv" in [t.name for t in default_objective(InversionOptions(terms=[ChangeTVTerm(1.0)]))]
     assert "change_tv" not in [t.name for t in default_objective(InversionOptions())]

@@ -234,7 +234,7 @@ def batched_vs_sequential(bench: Bench, prior: str = "inr") -> dict:
             "max_abs_diff": float((seq_images - batched[0].images).abs().max())}
 
 
-# The engine's labelled ranges of one step (torch.profiler.record_function in cf/engine.py).
+# The engine's labelled ranges of one step (torch.profiler.record_function in cf/search.py).
 STEP_PARTS = ("generator", "gate", "classifier", "objective", "backward", "optimizer", "bookkeeping")
 
 

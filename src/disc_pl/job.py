@@ -47,38 +47,30 @@ from disc_pl.viz import captions_from_rows, save_grid
 log = logging.getLogger(__name__)
 
 
-def prior_lambda_sem(prior: DictConfig, space_weight: float) -> float:
-    """The semantic weight lambda1 of a run: ``space.lambda_sem`` times the prior's
-    ``prior.lambda_sem_scale`` (how far a change may go is scaled differently for a deformation
-    than for new pixels; 1 where the prior sets none)."""
-    scale = prior.get("lambda_sem_scale")
-    return float(space_weight) * (1.0 if scale is None else float(scale))
+def optional_terms(cfg: DictConfig) -> tuple:
+    """The objects of the ``term`` group (``term=[palette,change_tv]``; none by default), in the
+    order chosen: optional objective terms after the paper's."""
+    return tuple(instantiate(node) for node in (cfg.get("term") or {}).values())
 
 
 def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tuple[InversionOptions, Any]:
     """Engine options and the generator factory ``(images, seeds) -> Prior`` (``prior.hparams``
-    instantiated, once) from the composed config. The ``space`` and ``localize`` groups build
-    their objects (a ``SemanticSpace``; ``GateOptions`` or None), ``manifold`` (built here when
-    not given) contributes its weight."""
-    inv = cfg.inversion
-    space, gate = instantiate(cfg.space), instantiate(cfg.localize)
+    instantiated, once) from the composed config. The ``inversion`` node builds the
+    ``InversionOptions`` and the groups fill what they own: ``prior`` its schedule (and its
+    ``fallback`` prior's, composed by Hydra), ``space`` the semantic space and lambda1,
+    ``localize`` the gate, ``manifold`` lambda2 (built here when not given), ``term`` the
+    optional terms."""
+    space = instantiate(cfg.space)
     manifold = manifold if manifold is not None else instantiate(cfg.manifold)
-    options = InversionOptions(
-        **prior_schedule(cfg.prior, inv.steps_per_stage, inv.min_steps),  # lr, stages, recon: the prior's
-        space=space, lambda_sem=prior_lambda_sem(cfg.prior, space.lambda_sem), lambda_mc=manifold.lambda_mc, gate=gate,
-        lambda_fc=float(inv.lambda_fc), relax=float(inv.relax), target_margin=float(inv.target_margin),
-        target_confidence=None if inv.get("target_confidence") is None else float(inv.target_confidence),
-        log_every=int(inv.log_every), eot_views=int(inv.get("eot_views", 0)),
-        eot_shift=float(inv.get("eot_shift", 1.0)), eot_noise=float(inv.get("eot_noise", 0.02)),
-        eot_hflip=bool(inv.get("eot_hflip", False)), lambda_palette=float(inv.get("lambda_palette", 0.0)),
-        lambda_change_tv=float(inv.get("lambda_change_tv", 0.0)),
-        precision=str(inv.get("precision", "32")))
+    inv = cfg.inversion
+    options = instantiate(inv)(**prior_schedule(cfg.prior, inv.steps_per_stage, inv.min_steps), space=space,
+                               lambda_sem=space.lambda_sem, lambda_mc=manifold.lambda_mc,
+                               gate=instantiate(cfg.localize), terms=optional_terms(cfg))
     fallback = cfg.prior.get("fallback")
-    if fallback is not None:  # its own conf/prior/<name>.yaml, the rest of the options as this prior's
-        fb = OmegaConf.load(Path(CONF_DIR) / "prior" / f"{fallback}.yaml")
+    if fallback is not None:  # its own schedule and generator, the rest of the options as this prior's
         options = dataclasses.replace(options, fallback=PriorFallback(
-            prior=instantiate(fb.hparams), name=str(fallback),
-            options=dataclasses.replace(options, **prior_schedule(fb, inv.steps_per_stage, inv.min_steps))))
+            prior=instantiate(fallback.hparams), name=str(fallback.name),
+            options=dataclasses.replace(options, **prior_schedule(fallback, inv.steps_per_stage, inv.min_steps))))
     return options, instantiate(cfg.prior.hparams)
 
 

@@ -43,7 +43,8 @@ from disc_pl.report_html import change_split, write_html
 PRIOR_NAMES = {"tv": "TV+L2", "dip": "DIP", "inr": "INR", "warp": "Warp"}
 # Sort order of the table rows: the paper's (ISO before LSO, weak prior first, DEP last).
 ORDER = {"space": ["iso", "lso"], "prior": ["tv", "dip", "inr", "warp"], "manifold": ["none", "duq", "dep"]}
-NAMED_KEYS = {"prior", "prior.fallback", "manifold", "space", "seed", "query.corruption.name", "query.corruption.severity"}
+NAMED_KEYS = {"prior", "prior.fallback", "prior@prior.fallback", "manifold", "space", "seed", "query.corruption.name",
+              "query.corruption.severity"}
 QUERY_FIGURES = ("mse", "concentration", "in_mask", "cout", "gt_recovery", *CUE_FIGURES)
 COLUMNS = [  # (header, key in the method's stats)
     ("MSE", "mse"), ("Conc.", "concentration"), ("CD", "cd"), ("flip rate", "flip_rate"),
@@ -108,6 +109,8 @@ def method_key(job: Job, varying: Sequence[str]) -> tuple[str, tuple]:
     manifold = str(_select(job.cfg, "manifold.name", "none"))
     name = f"{space.upper()}+{PRIOR_NAMES.get(prior, prior.upper())}"
     fallback = _select(job.cfg, "prior.fallback")
+    if isinstance(fallback, DictConfig):  # a composed prior config (a name in runs made before)
+        fallback = fallback.get("name")
     if fallback is not None:  # prior.fallback: "Warp/INR" = the warp, the INR for what it cannot flip
         name += f"/{PRIOR_NAMES.get(str(fallback), str(fallback).upper())}"
     if manifold != "none":

@@ -5,8 +5,10 @@
 Each term maps the b active queries of one step to a tensor ``[b]`` and is logged under its
 name (``cf/loss_<name>``, results.csv ``loss_<name>``). The engine sums whatever list it is
 given, so a new term (an L1 trial, a view-averaging term) is a small class here plus a config
-entry, not an edit of the engine. ``default_objective`` is the paper's objective (+ the area of
-the localization gate), built from ``InversionOptions``.
+entry, not an edit of the engine: an optional term is one class (here or in any importable
+module) and one yaml in ``conf/term/`` (``_target_`` + its arguments, under the term's name),
+chosen with ``term=[name, ...]``. ``default_objective`` is the paper's objective (+ the area of
+the localization gate, + the chosen optional terms), built from ``InversionOptions``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from disc_pl.cf.losses import SemanticSpace, cone_project, functional_loss, semantic_space
+from disc_pl.cf.losses import RobustManifoldLoss, SemanticSpace, cone_project, functional_loss, semantic_space
+from disc_pl.errors import is_integer, is_number, require
 
 
 @dataclass
@@ -41,8 +44,7 @@ class Term:
     name: str = "term"
 
     def __init__(self, weight: float = 1.0, relax: float = 1.0) -> None:
-        if not weight >= 0:
-            raise ValueError(f"{self.name}: weight={weight!r} must be >= 0")
+        require(f"term.{self.name}", [("weight", weight, is_number(weight, 0), "must be a number >= 0")])
         self.weight, self.relax = float(weight), float(relax)
 
     def weight_at(self, stage: int) -> float:
@@ -105,20 +107,34 @@ def random_views(x: Tensor, shift: float, noise: float, hflip: bool = False) -> 
 
 
 class FunctionalTerm(Term):
-    """Cross entropy of F(x') to the target class. With ``views`` > 0 (expectation over
-    transformations) it is averaged over that many random views of x' (``random_views``; with
-    ``hflip``, mirrored at random too: only where the labels survive mirroring)."""
+    """Cross entropy of F(x') to the target class (lambda3)."""
 
     name = "functional"
 
-    def __init__(self, weight: float = 1.0, views: int = 0, shift: float = 1.0, noise: float = 0.02,
+    def __call__(self, step, state):
+        return functional_loss(step.logits, step.target)
+
+
+class EOTTerm(Term):
+    """Expectation over transformations (not in the paper; ``term=[eot]``): the cross entropy of
+    F to the target averaged over ``views`` random views of x' (``random_views``: sub-pixel shifts
+    up to ``shift`` px, Gaussian noise ``noise``, with ``hflip`` mirrored at random too, only
+    where labels survive mirroring), so the change must survive them. Success is still judged on
+    x' itself."""
+
+    name = "eot"
+
+    def __init__(self, weight: float = 1.0, views: int = 4, shift: float = 1.0, noise: float = 0.02,
                  hflip: bool = False) -> None:
         super().__init__(weight)
-        self.views, self.shift, self.noise, self.hflip = int(views), float(shift), float(noise), bool(hflip)
+        require("term.eot", [
+            ("views", views, is_integer(views, 1), "must be an integer >= 1"),
+            ("shift", shift, is_number(shift, 0), "must be a number >= 0 (pixels)"),
+            ("noise", noise, is_number(noise, 0), "must be a number >= 0 (pixel noise std)"),
+            ("hflip", hflip, isinstance(hflip, bool), "must be true or false")])
+        self.views, self.shift, self.noise, self.hflip = int(views), float(shift), float(noise), hflip
 
     def __call__(self, step, state):
-        if not self.views:
-            return functional_loss(step.logits, step.target)
         losses = [functional_loss(step.classifier(random_views(step.x, self.shift, self.noise, self.hflip)),
                                   step.target)
                   for _ in range(self.views)]
@@ -194,6 +210,7 @@ class PaletteTerm(Term):
 
     def __init__(self, weight: float = 1.0, colours: int = 32) -> None:
         super().__init__(weight)
+        require("term.palette", [("colours", colours, is_integer(colours, 1), "must be an integer >= 1")])
         self.colours = int(colours)
 
     def prepare(self, images, feats):
@@ -241,21 +258,20 @@ class AreaTerm(Term):
 
 def functional_term(options: Any, manifold: nn.Module | None) -> Term:
     """F's cross entropy; with a robust manifold that sets ``cone_angle``, cone-projected."""
-    if getattr(manifold, "cone_angle", None) is not None:
+    if isinstance(manifold, RobustManifoldLoss) and manifold.cone_angle is not None:
         return ConeFunctionalTerm(manifold, options.lambda_fc, manifold.cone_angle)
-    return FunctionalTerm(options.lambda_fc, getattr(options, "eot_views", 0), getattr(options, "eot_shift", 1.0),
-                          getattr(options, "eot_noise", 0.02), getattr(options, "eot_hflip", False))
+    return FunctionalTerm(options.lambda_fc)
 
 
 def default_objective(options: Any, manifold: nn.Module | None = None) -> list[Term]:
     """The paper's objective (eq. 5) with the coefficients of ``options`` (an
-    ``InversionOptions``), + the gate's area."""
+    ``InversionOptions``), + the gate's area, + the optional terms ``options.terms`` (the
+    ``term`` config group: one class and one yaml each)."""
     return [SemanticTerm(options.space, options.layers, options.lambda_sem, options.relax),
             ManifoldTerm(manifold, options.lambda_mc),
             functional_term(options, manifold),
-            PriorTerm(1.0), AreaTerm(options.gate.lambda_area if options.gate is not None else 0.0)] + (
-            [PaletteTerm(options.lambda_palette)] if getattr(options, "lambda_palette", 0.0) > 0 else []) + (
-            [ChangeTVTerm(options.lambda_change_tv)] if getattr(options, "lambda_change_tv", 0.0) > 0 else [])
+            PriorTerm(1.0), AreaTerm(options.gate.lambda_area if options.gate is not None else 0.0),
+            *options.terms]
 
 
 def check_objective(terms: Sequence[Term]) -> list[Term]:
