@@ -65,7 +65,7 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
     inv = cfg.inversion
     options = instantiate(inv)(**prior_schedule(cfg.prior, inv.steps_per_stage, inv.min_steps), space=space,
                                lambda_sem=space.lambda_sem, lambda_mc=manifold.lambda_mc,
-                               gate=instantiate(cfg.localize), terms=optional_terms(cfg))
+                               gate=instantiate(cfg.localize), terms=optional_terms(cfg), fallback=None)
     fallback = cfg.prior.get("fallback")
     if fallback is not None:  # its own schedule and generator, the rest of the options as this prior's
         options = dataclasses.replace(options, fallback=PriorFallback(

@@ -35,7 +35,9 @@ How a batch is optimised (SPEC sections 2-5):
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -48,6 +50,7 @@ from disc_pl.cf.gate import GateOptions
 from disc_pl.cf.losses import SemanticSpace
 from disc_pl.cf.objective import Term, check_objective, default_objective
 from disc_pl.errors import is_integer, is_number, require
+from disc_pl.utils import CONF_DIR
 from disc_pl.cf.priors import Prior
 from disc_pl.cf.search import (  # noqa: F401 (re-exported: the engine's API)
     PriorFactory, Retry, Search, Setting, _Renderer, _take_better, make_prior, retry)
@@ -69,37 +72,63 @@ class Stage:
 class PriorFallback:
     """A second prior for the queries the first one does not flip (``prior.fallback``): the
     generator (a prior name + ``prior_hparams``, or a factory ``(images, seeds) -> Prior``) and
-    the full options of its run (its own lr, stages, reconstruction; the rest as the first's)."""
+    the options of its run. ``options`` None: the first prior's options with the fallback's own
+    schedule (lr, stages, reconstruction: ``schedule``, or conf/prior/<name>.yaml's for a prior
+    given by name), filled in by the ``InversionOptions`` that holds it."""
 
     prior: str | Callable[[Tensor, Sequence[int]], Prior]
-    options: "InversionOptions"
+    options: "InversionOptions | None" = None
     prior_hparams: Mapping | None = None
     name: str = ""                          # a label for logs
+    schedule: Mapping | None = None         # with options None: the fallback's own schedule
+
+    def options_for(self, first: "InversionOptions") -> "InversionOptions":
+        """The options of the fallback's run after a first run with ``first``."""
+        if self.options is not None:
+            return self.options
+        schedule = self.schedule
+        if schedule is None:
+            if not isinstance(self.prior, str):
+                raise ValueError("a PriorFallback with a generator factory needs its options or its schedule")
+            schedule = prior_schedule(prior_config(self.prior))
+        return dataclasses.replace(first, **schedule, fallback=None)
+
+
+def _default_fallback() -> PriorFallback:
+    return PriorFallback("inr", name="inr")  # conf/prior/warp.yaml's (prior@prior.fallback: inr)
+
+
+def _default_precision() -> str:
+    return os.environ.get("DISC_PL_PRECISION", "auto")  # as conf/run.yaml's inversion.precision
 
 
 @dataclass
 class InversionOptions:
-    """Every coefficient of the objective and the schedule. Defaults suit the synthetic set."""
+    """Every coefficient of the objective and the schedule. The defaults are ``python -m
+    disc_pl.run``'s with its default groups (the ``inversion`` node, ``prior=warp`` with its INR
+    fallback, ``space=lso``, ``localize=gate``, the manifolds' lambda2); tests/test_defaults.py
+    compares every field. For another prior's schedule: ``InversionOptions.for_prior(name)``."""
 
     space: SemanticSpace | str = "lso"      # a SemanticSpace (cf/losses.py); by name: lso | iso
     layers: Sequence[int] = (0, 1, 2, 3)    # feature maps compared by space="lso" (given by name)
-    lambda_sem: float = 1.0                 # lambda1, relaxed by `relax` every stage
-    lambda_mc: float = 1.0                  # lambda2 (ignored when manifold is None)
+    lambda_sem: float = 0.6                 # lambda1 (space.lambda_sem: the warp's), relaxed by `relax` every stage
+    lambda_mc: float = 0.1                  # lambda2 (ignored when manifold is None)
     lambda_fc: float = 1.0                  # lambda3
     relax: float = 0.5                      # lambda1 *= relax per stage (paper section 3.4)
     steps_per_stage: int = 100              # steps of a stage that does not set its own
     min_steps: int = 10                     # per stage, before a flipped query stops
-    lr: float = 1e-3                        # Adam lr of the counterfactual stages
-    stages: list[Stage] = field(default_factory=lambda: [Stage(["all"])])
-    target_margin: float = 0.1              # flipped: argmax = target and p_t - max p_other >= margin
-    # A query keeps optimising until its margin reaches `target_confidence` (None: target_margin),
-    # and the image kept is the closest one that reaches it, else the most confident one; the
-    # status still counts as flipped at `target_margin` (not in the paper).
-    target_confidence: float | None = None
-    recon_steps: int = 300                  # reconstruction stage budget
+    # The prior's schedule (conf/prior/<name>.yaml; these: the warp's)
+    lr: float = 0.05                        # Adam lr of the counterfactual stages
+    stages: list[Stage] = field(default_factory=lambda: [Stage(["flow"]), Stage(["flow"]), Stage(["flow"])])
+    recon_steps: int = 0                    # reconstruction stage budget
     psnr_target: float = 35.0               # reconstruction stops per query at this PSNR (dB)
     recon_lr: float | None = None           # None: the prior's own default
     recon_sizes: Sequence[int | None] = (None,)  # coarse-to-fine reconstruction grids (Prior.reconstruct)
+    target_margin: float = 0.2              # flipped: argmax = target and p_t - max p_other >= margin
+    # A query keeps optimising until its margin reaches `target_confidence` (None: target_margin),
+    # and the image kept is the closest one that reaches it, else the most confident one; the
+    # status still counts as flipped at `target_margin` (not in the paper).
+    target_confidence: float | None = 0.9999
     residual: bool = True                   # x' = x + G(z) - G_0(z): see module docstring
     # Localization gate (cf/gate.py; not in the paper): x' = x + m * (G - x), + lambda_area * mean(m)
     # None = off (the paper's objective); GateOptions: grid, lambda_area, lr, init, fallback
@@ -107,50 +136,16 @@ class InversionOptions:
     log_every: int = 10                     # call `on_log` every N steps (0 = never)
     # Numeric precision (disc_pl.cf.precision): 32 | bf16-mixed | 16-mixed | auto (resolved on
     # the queries' device when the batch starts: bf16-mixed where it computes bf16 natively).
-    precision: str = "32"
+    precision: str = field(default_factory=_default_precision)
     # A second prior for the queries this one does not flip (PriorFallback; None = off). With it,
     # the gate's own ungated retry (gate.fallback) is left to the fallback prior's run.
-    fallback: PriorFallback | None = None
+    fallback: PriorFallback | None = field(default_factory=_default_fallback)
     # Optional objective terms after the paper's (disc_pl.cf.objective.Term; the `term` group).
     terms: Sequence[Term] = ()
 
     def __post_init__(self) -> None:
-        try:
-            self.precision = amp.normalize(self.precision)
-            precision_ok = True
-        except ValueError:
-            precision_ok = False
-        if self.fallback is not None and not isinstance(self.fallback, PriorFallback):
-            raise ValueError(f"inversion fallback must be a PriorFallback or None, got {type(self.fallback).__name__}")
-        if self.fallback is not None and self.fallback.options.fallback is not None:
-            raise ValueError("a fallback prior cannot have a fallback of its own (one level only)")
-        confidence = self.target_confidence
-        require("inversion", [
-            ("precision", self.precision, precision_ok, f"must be one of {', '.join(amp.CHOICES)} (auto: "
-             "bf16-mixed where the device computes bf16 natively, else 32)"),
-            ("lr", self.lr, is_number(self.lr, 0, low_open=True), "must be a number > 0"),
-            ("relax", self.relax, is_number(self.relax, 0, low_open=True) and self.relax <= 1,
-             "must be a number > 0 and <= 1"),
-            ("lambda_sem", self.lambda_sem, is_number(self.lambda_sem, 0), "must be a number >= 0"),
-            ("lambda_mc", self.lambda_mc, is_number(self.lambda_mc, 0), "must be a number >= 0"),
-            ("lambda_fc", self.lambda_fc, is_number(self.lambda_fc, 0, low_open=True), "must be a number > 0"),
-            ("recon_steps", self.recon_steps, is_integer(self.recon_steps, 0), "must be an integer >= 0"),
-            ("target_margin", self.target_margin, is_number(self.target_margin, 0) and self.target_margin < 1,
-             "must be a number >= 0 and < 1"),
-            ("target_confidence", confidence, confidence is None or (is_number(confidence, 0) and confidence < 1),
-             "must be null or a number in [0, 1): the margin p_target - max p_other a query optimises towards"),
-            ("target_confidence", confidence, confidence is None or not is_number(confidence)
-             or confidence >= self.target_margin,
-             f"must be >= inversion.target_margin={self.target_margin} (the margin that counts as flipped), or null"),
-            ("log_every", self.log_every, is_integer(self.log_every, 0), "must be an integer >= 0"),
-            ("terms", self.terms, all(isinstance(t, Term) for t in self.terms),
-             "must be objective terms (disc_pl.cf.objective.Term)")])
+        self._check()
         self.terms = tuple(self.terms)
-        if not self.stages:
-            raise ValueError("inversion needs at least one stage (prior.stages)")
-        require("inversion", [
-            ("steps_per_stage", self.steps_per_stage, is_integer(self.steps_per_stage, 1), "must be an integer >= 1"),
-            ("min_steps", self.min_steps, is_integer(self.min_steps, 0), "must be an integer >= 0")])
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
         self.stages = [dataclasses.replace(s, steps=self.steps_per_stage if s.steps is None else s.steps,
                                            min_steps=self.min_steps if s.min_steps is None else s.min_steps)
@@ -166,6 +161,71 @@ class InversionOptions:
             raise ValueError(f"recon_sizes={list(self.recon_sizes)} must be a non-empty list of grid sizes "
                              "(pixels per side, >= 4; null = full size), e.g. [48] or [24, 48, null]")
 
+    def _check(self) -> None:
+        try:
+            self.precision = amp.normalize(self.precision)
+            precision_ok = True
+        except ValueError:
+            precision_ok = False
+        confidence = self.target_confidence
+        require("inversion", [
+            ("precision", self.precision, precision_ok, f"must be one of {', '.join(amp.CHOICES)} (auto: "
+             "bf16-mixed where the device computes bf16 natively, else 32)"),
+            ("lr", self.lr, is_number(self.lr, 0, low_open=True), "must be a number > 0"),
+            ("relax", self.relax, is_number(self.relax, 0, low_open=True) and self.relax <= 1,
+             "must be a number > 0 and <= 1"),
+            ("lambda_sem", self.lambda_sem, is_number(self.lambda_sem, 0), "must be a number >= 0"),
+            ("lambda_mc", self.lambda_mc, is_number(self.lambda_mc, 0), "must be a number >= 0"),
+            ("lambda_fc", self.lambda_fc, is_number(self.lambda_fc, 0, low_open=True), "must be a number > 0"),
+            ("steps_per_stage", self.steps_per_stage, is_integer(self.steps_per_stage, 1), "must be an integer >= 1"),
+            ("min_steps", self.min_steps, is_integer(self.min_steps, 0), "must be an integer >= 0"),
+            ("recon_steps", self.recon_steps, is_integer(self.recon_steps, 0), "must be an integer >= 0"),
+            ("target_margin", self.target_margin, is_number(self.target_margin, 0) and self.target_margin < 1,
+             "must be a number >= 0 and < 1"),
+            ("target_confidence", confidence, confidence is None or (is_number(confidence, 0) and confidence < 1),
+             "must be null or a number in [0, 1): the margin p_target - max p_other a query optimises towards"),
+            ("target_confidence", confidence, confidence is None or not is_number(confidence)
+             or confidence >= self.target_margin,
+             f"must be >= inversion.target_margin={self.target_margin} (the margin that counts as flipped), or null"),
+            ("log_every", self.log_every, is_integer(self.log_every, 0), "must be an integer >= 0"),
+            ("terms", self.terms, all(isinstance(t, Term) for t in self.terms),
+             "must be objective terms (disc_pl.cf.objective.Term)")])
+        if not self.stages:
+            raise ValueError("inversion needs at least one stage (prior.stages)")
+        if self.fallback is not None and not isinstance(self.fallback, PriorFallback):
+            raise ValueError(f"inversion fallback must be a PriorFallback or None, got {type(self.fallback).__name__}")
+        if self.fallback is not None and self.fallback.options is not None and self.fallback.options.fallback:
+            raise ValueError("a fallback prior cannot have a fallback of its own (one level only)")
+
+    @classmethod
+    def for_prior(cls, name: str, **kw) -> "InversionOptions":
+        """The options ``python -m disc_pl.run prior=<name>`` runs with: conf/prior/<name>.yaml's
+        schedule and fallback (none unless it composes one), the rest as given or the defaults."""
+        prior = prior_config(name)
+        fallback = prior.get("fallback")
+        kw.setdefault("fallback", None if fallback is None else PriorFallback(str(fallback.name), name=str(fallback.name)))
+        kw.setdefault("lambda_sem", float(prior.lambda_sem) if "lambda_sem" in prior else 1.0)  # as space.lambda_sem
+        return cls(**{**prior_schedule(prior), **kw})
+
+
+def prior_config(name: str) -> Mapping:
+    """conf/prior/<name>.yaml as Hydra composes it at ``prior`` (with the fallback prior it
+    composes, at ``fallback``)."""
+    from omegaconf import OmegaConf
+
+    path = Path(CONF_DIR) / "prior" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"prior {name!r} has no config in {path.parent}; one of {names}")
+    node = OmegaConf.load(path)
+    fallback = None
+    for entry in node.pop("defaults", None) or []:
+        if isinstance(entry, Mapping) and "/prior@fallback" in entry:
+            fallback = prior_config(str(entry["/prior@fallback"]))
+    if fallback is not None:
+        node.fallback = fallback
+    return node
+
 
 def stage_sizes(prior: Mapping) -> list[int | None]:
     """One render grid per stage of a prior config (coarse-to-fine; None = full size): its
@@ -178,15 +238,15 @@ def stage_sizes(prior: Mapping) -> list[int | None]:
     return list(sizes) if sizes is not None else [early] * (n - 1) + [None]
 
 
-def prior_schedule(prior: Mapping, steps_per_stage: int, min_steps: int) -> dict:
+def prior_schedule(prior: Mapping, steps_per_stage: int | None = None, min_steps: int | None = None) -> dict:
     """The ``InversionOptions`` a prior's config owns: its stage lr and layer-group stages
     (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``) and its reconstruction (``recon.max_steps``,
     ``recon.psnr_target``, ``recon.lr``, ``recon.sizes``), each stage ``steps_per_stage`` long
-    with ``min_steps`` before an early stop."""
+    with ``min_steps`` before an early stop (None: the options')."""
     recon = prior.get("recon") or {}
     sizes = stage_sizes(prior)
     return dict(lr=float(prior["lr"]),
-                stages=[Stage(list(g), int(steps_per_stage), int(min_steps), size=size)
+                stages=[Stage(list(g), steps_per_stage, min_steps, size=size)
                         for g, size in zip(prior["stages"], sizes, strict=True)],  # lengths: validate
                 recon_steps=int(recon.get("max_steps", 0)), psnr_target=float(recon.get("psnr_target", 35.0)),
                 recon_lr=recon.get("lr"), recon_sizes=tuple(recon.get("sizes") or (None,)))
@@ -197,7 +257,7 @@ def generate_counterfactuals(
     images: Tensor,
     targets: Tensor,
     *,
-    prior: str | Prior | PriorFactory = "inr",
+    prior: str | Prior | PriorFactory = "warp",
     prior_hparams: Mapping | None = None,
     manifold: nn.Module | None = None,
     options: InversionOptions | None = None,
@@ -243,17 +303,19 @@ def generate_counterfactuals(
         raise ValueError(f"{B} images but {targets.shape[0]} targets")
     seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
     fb = opts.fallback
+    fb_options = fb.options_for(opts) if fb is not None else None  # its own schedule, the rest as these
     if fb is not None and opts.gate is not None and opts.gate.fallback:  # the fallback prior's run retries ungated
         opts = dataclasses.replace(opts, gate=dataclasses.replace(opts.gate, fallback=False), fallback=None)
     ungated = fb is None and opts.gate is not None and opts.gate.fallback
     first = Search(classifier, images, targets, seeds, opts, setting, snapshot=ungated)
-    plans = ([_prior_fallback(classifier, images, targets, seeds, fb, setting, objective)] if fb is not None
+    plans = ([_prior_fallback(classifier, images, targets, seeds, fb, fb_options, setting, objective)] if fb is not None
              else [first.ungated_retry()] if ungated else [])
     return retry(first.run(), plans)
 
 
 def _prior_fallback(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],
-                    fb: PriorFallback, setting: Setting, objective: Sequence[Term] | None) -> Retry:
+                    fb: PriorFallback, options: InversionOptions, setting: Setting,
+                    objective: Sequence[Term] | None) -> Retry:
     """The prior fallback (``options.fallback``) as a ``Retry``: a fresh run of
     ``generate_counterfactuals`` over the rows by the fallback prior with its own options (the
     objective given, else its options' default), which sets ``fallback`` on the rows it replaced."""
@@ -262,7 +324,7 @@ def _prior_fallback(classifier: nn.Module, images: Tensor, targets: Tensor, seed
         on = torch.tensor(rows).to(images.device)
         return generate_counterfactuals(
             classifier, images[on], targets[on], prior=fb.prior, prior_hparams=fb.prior_hparams,
-            manifold=setting.manifold, options=fb.options, objective=objective,
+            manifold=setting.manifold, options=options, objective=objective,
             seeds=[seeds[i] for i in rows], on_log=setting.on_log)
 
     return Retry(fb.name or "fallback prior", search, flag="fallback")

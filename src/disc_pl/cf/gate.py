@@ -32,7 +32,7 @@ class GateOptions:
     ``localize=none`` builds ``None`` (``no_gate``): no gate, the paper's objective."""
 
     grid: int = 8             # gate cells per side
-    lambda_area: float = 50.0  # weight of the gated fraction of the image (term ``area``)
+    lambda_area: float = 10.0  # weight of the gated fraction of the image (term ``area``)
     lr: float = 0.1           # Adam lr of the gate logits
     init: float = -3.0        # initial logit: sigmoid(-3) = 0.05 open
     fallback: bool = True     # queries the gated search cannot flip are redone ungated

@@ -224,6 +224,9 @@ class DEP(Manifold):
     name = "dep"
     needs_dep = True
 
+    def __init__(self, lambda_mc: float = 0.1, name: str | None = None) -> None:
+        super().__init__(lambda_mc, name)
+
     def __call__(self, classifier, load_duq=None, load_surrogate=None):
         return DEPManifold(classifier)
 
@@ -306,6 +309,12 @@ class RobustManifoldLoss(nn.Module):
         return out if self.dep is None else out + self.dep(x_cf, logits, feats, source, target)
 
 
+# The robust models' training recipe (disc_pl.models.robust; conf/manifold/robust.yaml's recipe).
+ROBUST_RECIPE = {"width": 16, "epochs": 16, "lr": 3.0e-3, "batch_size": 64, "weight_decay": 0.0, "hflip": True,
+                 "max_shift": 2, "noise": 0.0, "max_train": 2000, "eps": 0.5, "steps": 5, "warmup_epochs": 2,
+                 "ramp_epochs": 6}
+
+
 class Robust(Manifold):
     """``RobustManifoldLoss``: ``k`` small CNNs adversarially trained (L2 PGD, radius ``eps``) on
     the explained classifier's training images by disc_pl's recipe (``disc_pl.models.robust``;
@@ -316,7 +325,7 @@ class Robust(Manifold):
     name = "robust"
 
     def __init__(self, lambda_mc: float = 0.1, k: int = 2, weight: float = 10.0, dep: bool = True,
-                 cone_angle: float | None = None, recipe: Any = None, name: str | None = None) -> None:
+                 cone_angle: float | None = None, recipe: Any = ROBUST_RECIPE, name: str | None = None) -> None:
         super().__init__(lambda_mc, name)
         require("manifold", [("k", k, is_integer(k) and k >= 1, "must be an integer >= 1"),
                              ("weight", weight, is_number(weight, 0), "must be a number >= 0"),

@@ -375,9 +375,10 @@ def _max_dip_scales(h: int, w: int) -> int:
 class DIPPrior(_NetPrior):
     """Deep Image Prior: x_i = f_theta_i(z_i), a per-query skip encoder-decoder (nets.unet).
 
-    Defaults are the reference DIP values (5 scales x 128 channels, 4 skip channels, 32-channel
-    noise U(0,1)*0.1, Adam lr 0.01, fitting perturbation std 1/30); conf/prior/dip.yaml uses
-    smaller CPU-friendly sizes. Groups: enc0..enc{S-1}, dec{S-1}..dec0 (dec0 finest), out."""
+    Defaults are conf/prior/dip.yaml's, sized for 32x32 images on a CPU; the reference DIP uses
+    5 scales x 128 channels (for 96x96 and larger), 4 skip channels, 32-channel noise
+    U(0,1)*0.1, Adam lr 0.01 and a fitting perturbation std of 1/30. Groups: enc0..enc{S-1},
+    dec{S-1}..dec0 (dec0 finest), out."""
 
     default_recon_lr = 0.01
 
@@ -385,8 +386,8 @@ class DIPPrior(_NetPrior):
         self,
         images: Tensor,
         seeds: Sequence[int],
-        scales: int = 5,
-        channels: int = 128,
+        scales: int = 3,
+        channels: int = 32,
         skip_channels: int = 4,
         input_channels: int = 32,
         input_scale: float = 0.1,
@@ -429,14 +430,12 @@ class DIPPrior(_NetPrior):
 class INRPrior(_NetPrior):
     """Implicit neural representation: x_i(v) = MLP_i(gamma_i(v)), Fourier features + SIREN.
 
-    Defaults: the paper's Fourier mapping (256 frequencies, sigma = 10 cycles per image, for
-    96x96 images), SPEC's 3 x 256 hidden layers, SIREN's omega0 = 30 in the hidden layers but
-    first_omega0 = 3 in the first: measured on 32x32 structured images (fit half of the pixels
-    for 150 steps, PSNR on the other half), sigma = 3 gave 24.1 / 23.5 / 20.5 dB held out for
-    first_omega0 = 3 / 10 / 30 (all fit the training pixels to > 42 dB), sigma = 6 gave
-    15.4 / 15.6 / 13.0 dB: SIREN's 30 on top of Fourier features, or a sigma too high for the
-    resolution, makes a prior that fits but does not interpolate. conf/prior/inr.yaml has the
-    CPU-sized values for 32x32. Groups: hidden0..hidden{D-1}, out.
+    Defaults are conf/prior/inr.yaml's, sized for 32x32 images on a CPU (64 frequencies at
+    sigma = 3 cycles per image, 3 x 128 hidden layers); the paper uses 256 frequencies at
+    sigma = 10 for 96x96 images and SPEC 3 x 256 hidden layers. SIREN's omega0 = 30 in the
+    hidden layers but first_omega0 = 3 in the first: on top of Fourier features, a larger first
+    omega0 or a sigma too high for the resolution makes a prior that fits but does not
+    interpolate (docs/FINDINGS.md). Groups: hidden0..hidden{D-1}, out.
 
     Memory: the Fourier features are stored per query, [B, H*W, 2F] floats (32 queries of
     96x96 with F = 256: 0.6 GB); the cached frozen activations are [B, H*W, hidden]."""
@@ -447,9 +446,9 @@ class INRPrior(_NetPrior):
         self,
         images: Tensor,
         seeds: Sequence[int],
-        n_frequencies: int = 256,
-        sigma: float = 10.0,
-        hidden: int = 256,
+        n_frequencies: int = 64,
+        sigma: float = 3.0,
+        hidden: int = 128,
         depth: int = 3,
         omega0: float = 30.0,
         first_omega0: float = 3.0,
