@@ -183,7 +183,7 @@ def test_robust_manifold_term_and_objective_wiring():
     assert torch.allclose(loss(x, torch.zeros(4, 2), [], 1 - t, t), expect)
 
     class Opts:
-        space, layers, lambda_sem, relax, lambda_fc, lambda_mc, gate = "iso", (0,), 1.0, 0.5, 1.0, 0.1, None
+        space, layers, lambda_sem, relax, lambda_fc, lambda_mc, gate, terms = "iso", (0,), 1.0, 0.5, 1.0, 0.1, None, ()
 
     plain = {type(t).__name__ for t in default_objective(Opts(), loss)}
     cone = {type(t).__name__ for t in default_objective(Opts(), RobustManifoldLoss(nets, None, 1.0, 30.0))}

@@ -202,37 +202,14 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
     ids, x, x_cf = tensors["query_id"][keep].tolist(), tensors["query"][keep], tensors["counterfactual"][keep]
     by_id = {int(r["query_id"]): r for r in rows}
     source = dm.class_index(rows[0]["source"])
-    vcfg = cfg.get("validity") or {}
-    margin = float(cfg.inversion.target_margin)
-    steps = int(vcfg.get("cout_steps", 20))
+    margin, steps = float(cfg.inversion.target_margin), int(cfg.validity.cout_steps)
     x_gt = dm.ground_truth(cfg.query.split, ids)[0] if dm.has_ground_truth else None
-    panels: dict[str, list[nn.Module]] = {}
-    realism = None
-    real = None
+    panels, realism = {}, None
     if judges_enabled(cfg):
-        jdm = judge_datamodule(cfg, dm, byo)
-        real = _real_target_images(dm, target)
-        panels["plain"], _ = ensure_judges(cfg, dm, byo, jdm)
-        robust = ensure_robust_judges(cfg, dm, byo, jdm)
-        for name, judges in (("plain", panels["plain"]), ("robust", robust)):
-            if not judges:
-                continue
-            min_acc = float((cfg.judge.get("robust") or {}).get("min_acc", 0.9)) if name == "robust" else None
-            found, ok = _panel_metrics(name, judges, dm, (source, target), x, real, target, min_acc)
-            metrics.update(found)
-            if ok and name == "robust":
-                panels["robust"] = judges
         # IM1 compares the queries' own class with the target (``source`` is what the classifier
         # predicted, which with query.require_correct=false may already be the target)
         label = int(rows[0].get("label", source))
-        realism = ensure_realism(cfg, jdm, label, target) if label != target else None
-        if realism is not None:  # its calibration: real target-class images and the unchanged queries
-            metrics["realism/im1_queries"] = float(realism(x).mean())
-            if real is not None:
-                metrics["realism/im1_real_target"] = float(realism(real).mean())
-                # real target images against the real queries: the gap of an edit that lands on real images
-                metrics["realism/ae_gap_real_target"] = float(recon_error(realism.ae_all, real).mean()
-                                                              - recon_error(realism.ae_all, x).mean())
+        panels, realism = _judges(cfg, dm, byo, (source, target), x, label, metrics)
     figs = figures(classifier, panels, x, x_cf, source, target, margin, x_gt, steps, realism)
     for n, qid in enumerate(ids):
         row = by_id[qid]
@@ -242,36 +219,67 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
     for panel in PANELS.values():
         if panel in figs:
             metrics.update(_judge_keys("cf/", figs[panel], panel))
-    pcfg = vcfg.get("pgd") or {}
-
-    def pgd(model: nn.Module, goal: float) -> Tensor:
-        return torch.cat([targeted_pgd(model, x[i:i + 64], target, goal, float(pcfg.get("eps", 8 / 255)),
-                                       float(pcfg.get("alpha", 1 / 255)), int(pcfg.get("steps", 100)))[0]
-                          for i in range(0, len(x), 64)])
-
-    # reference row -> the validity.reference switch that turns it on
-    refs = {"pgd": "pgd", "gt": "gt", **({"pgd_surrogates": "pgd"} if surrogates else {}),
-            **({"pgd_robust": "pgd"} if robust else {})}
-    for name, switch in refs.items():
-        if not bool((vcfg.get("reference") or {}).get(switch, False)):
-            continue
-        if name == "gt":
-            if x_gt is None:
-                continue
-            ref = x_gt
-        elif name == "pgd":
-            ref = pgd(classifier, margin)
-        elif name == "pgd_robust":
-            rcfg = vcfg.get("pgd_robust") or {}
-            tgt = torch.full((len(x),), target, dtype=torch.long)
-            ref = l2_pgd(MeanLogits(list(robust)), x, tgt, float(rcfg.get("eps", 1.5)), int(rcfg.get("steps", 50)),
-                         targeted=True, random_start=False)
-        else:  # the ensemble, to the method's own goal
-            goal = cfg.inversion.get("target_confidence")
-            ref = pgd(MeanLogits([classifier, *surrogates]), margin if goal is None else float(goal))
+    references = _references(cfg, classifier, x, x_gt, target, surrogates, robust)
+    for name, ref in references.items():
         metrics.update(_aggregate(f"reference/{name}/", figures(classifier, panels, x, ref, source, target,
                                                                 margin, x_gt, steps, realism)))
     shown = [f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and ("judge" in k or "reference" in k)]
     if shown:
         log.info("validity: %s", ", ".join(shown))
     return metrics
+
+
+def _judges(cfg: DictConfig, dm: Any, byo: bool, classes: tuple[int, int], x: Tensor, label: int,
+            metrics: dict[str, Any]) -> tuple[dict[str, list[nn.Module]], Any]:
+    """The judge panels that passed their accuracy bar (plain, robust) and the realism model,
+    after adding each panel's accuracy, ceiling and floor and the realism calibration rows to
+    ``metrics``."""
+    source, target = classes
+    jdm = judge_datamodule(cfg, dm, byo)
+    real = _real_target_images(dm, target)
+    panels: dict[str, list[nn.Module]] = {}
+    panels["plain"], _ = ensure_judges(cfg, dm, byo, jdm)
+    robust = ensure_robust_judges(cfg, dm, byo, jdm)
+    for name, judges in (("plain", panels["plain"]), ("robust", robust)):
+        if not judges:
+            continue
+        min_acc = float(cfg.judge.robust.min_acc) if name == "robust" else None
+        found, ok = _panel_metrics(name, judges, dm, (source, target), x, real, target, min_acc)
+        metrics.update(found)
+        if ok and name == "robust":
+            panels["robust"] = judges
+    realism = ensure_realism(cfg, jdm, label, target) if label != target else None
+    if realism is not None:  # its calibration: real target-class images and the unchanged queries
+        metrics["realism/im1_queries"] = float(realism(x).mean())
+        if real is not None:
+            metrics["realism/im1_real_target"] = float(realism(real).mean())
+            # real target images against the real queries: the gap of an edit that lands on real images
+            metrics["realism/ae_gap_real_target"] = float(recon_error(realism.ae_all, real).mean()
+                                                          - recon_error(realism.ae_all, x).mean())
+    return panels, realism
+
+
+def _references(cfg: DictConfig, classifier: nn.Module, x: Tensor, x_gt: Tensor | None, target: int,
+                surrogates: Sequence[nn.Module] | None, robust: Sequence[nn.Module] | None) -> dict[str, Tensor]:
+    """The reference rows switched on (``validity.reference``): name -> the reference images."""
+    vcfg, margin = cfg.validity, float(cfg.inversion.target_margin)
+    on = vcfg.reference
+
+    def pgd(model: nn.Module, goal: float) -> Tensor:
+        p = vcfg.pgd
+        return torch.cat([targeted_pgd(model, x[i:i + 64], target, goal, float(p.eps), float(p.alpha), int(p.steps))[0]
+                          for i in range(0, len(x), 64)])
+
+    refs: dict[str, Tensor] = {}
+    if on.pgd:
+        refs["pgd"] = pgd(classifier, margin)
+    if on.gt and x_gt is not None:
+        refs["gt"] = x_gt
+    if on.pgd and surrogates:  # the ensemble, to the method's own goal
+        goal = cfg.inversion.target_confidence
+        refs["pgd_surrogates"] = pgd(MeanLogits([classifier, *surrogates]), margin if goal is None else float(goal))
+    if on.pgd and robust:  # the robust models alone, L2
+        tgt = torch.full((len(x),), target, dtype=torch.long)
+        refs["pgd_robust"] = l2_pgd(MeanLogits(list(robust)), x, tgt, float(vcfg.pgd_robust.eps),
+                                    int(vcfg.pgd_robust.steps), targeted=True, random_start=False)
+    return refs
