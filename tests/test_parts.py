@@ -9,6 +9,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from disc_pl.cf.gate import GateOptions
+from disc_pl.cf.objective import default_objective
+from disc_pl.cf.engine import InversionOptions
 from disc_pl.cf.losses import (DEP, DUQ, DEPManifold, DUQManifold, LatentSpace, NoManifold, PixelSpace,
                                SurrogateManifold, Surrogates)
 from disc_pl.errors import ConfigError
@@ -152,9 +154,13 @@ def test_surrogate_manifold_is_the_weighted_mean_cross_entropy_of_its_surrogates
     s_hat = torch.tensor([0.8, 0.1])
     logits = [x.flatten(1)[:, :2] * (i + 1) for i in range(2)]  # what each surrogate computes
     ce = (F.cross_entropy(logits[0], target, reduction="none") + F.cross_entropy(logits[1], target, reduction="none")) / 2
-    torch.testing.assert_close(made(x, None, [s_hat], target * 0, target), 3.0 * ce + (s_hat - 0.5).abs())
+    # the manifold term is the explained classifier's DEP; the surrogates' mean CE is their own term
+    torch.testing.assert_close(made(x, None, [s_hat], target * 0, target), (s_hat - 0.5).abs())
+    torch.testing.assert_close(made.ensemble_loss(x, target), ce)
     alone = Surrogates(k=2, weight=3.0, dep=False)(clf, None, load_surrogate)
-    torch.testing.assert_close(alone(x, None, [s_hat], target * 0, target), 3.0 * ce)
+    torch.testing.assert_close(alone(x, None, [s_hat], target * 0, target), torch.zeros(2))
+    terms = {t.name: t for t in default_objective(InversionOptions(), made)}
+    assert terms["manifold"].weight == 0.1 and terms["surrogates"].weight == 3.0  # two weights, not a product
     assert Surrogates(k=3).needs_surrogates == 3 and Surrogates(dep=False).needs_dep is False
     with pytest.raises(ConfigError, match="k"):
         Surrogates(k=0)

@@ -179,13 +179,16 @@ def test_robust_manifold_term_and_objective_wiring():
     loss = RobustManifoldLoss(nets, None, weight=3.0)
     x = torch.rand(4, 1, SIDE, SIDE)
     t = torch.tensor([0, 1, 1, 0])
-    expect = 3.0 * torch.stack([functional_loss(n(x), t) for n in nets]).mean(0)
-    assert torch.allclose(loss(x, torch.zeros(4, 2), [], 1 - t, t), expect)
+    expect = torch.stack([functional_loss(n(x), t) for n in nets]).mean(0)
+    assert torch.allclose(loss.ensemble_loss(x, t), expect)
+    assert torch.equal(loss(x, torch.zeros(4, 2), [], 1 - t, t), torch.zeros(4))  # no DEP: the manifold term is 0
 
     class Opts:
         space, layers, lambda_sem, relax, lambda_fc, lambda_mc, gate, terms = "iso", (0,), 1.0, 0.5, 1.0, 0.1, None, ()
 
-    plain = {type(t).__name__ for t in default_objective(Opts(), loss)}
+    terms = default_objective(Opts(), loss)
+    plain = {type(t).__name__ for t in terms}
+    assert [(t.name, t.weight) for t in terms[1:3]] == [("manifold", 0.1), ("robust", 3.0)]
     cone = {type(t).__name__ for t in default_objective(Opts(), RobustManifoldLoss(nets, None, 1.0, 30.0))}
     assert FunctionalTerm.__name__ in plain and ConeFunctionalTerm.__name__ in cone
     made = Robust(k=2, weight=3.0, dep=False, cone_angle=30)(None, load_robust=lambda i: nets[i])

@@ -159,22 +159,39 @@ class DUQManifold(nn.Module):
         return F.relu(k_src - k_tgt + self.margin)
 
 
-class SurrogateManifold(nn.Module):
-    """DEP of the explained classifier (optional) + the mean cross entropy to the target class
-    of ``surrogates``: classifiers trained from the explained one's recipe and data with other
-    seeds. A change that moves them all is less tied to one network's quirks."""
+class EnsembleManifold(nn.Module):
+    """DEP of the explained classifier (optional; the manifold term, weight lambda2) beside the
+    mean cross entropy to the target class of other ``models`` (their own objective term, named
+    ``name``, with its own ``weight``: ``disc_pl.cf.objective.EnsembleTerm``). Called like the
+    other manifold models, it returns the DEP term alone (zeros without it)."""
 
-    def __init__(self, surrogates: Sequence[nn.Module], dep: DEPManifold | None = None,
-                 weight: float = 1.0) -> None:
+    name = "ensemble"
+
+    def __init__(self, models: Sequence[nn.Module], dep: DEPManifold | None = None, weight: float = 1.0) -> None:
         super().__init__()
-        self.surrogates = nn.ModuleList(surrogates)
+        self.models = nn.ModuleList(models)
         self.dep = dep
         self.weight = float(weight)
 
+    def ensemble_loss(self, x_cf: Tensor, target: Tensor) -> Tensor:
+        """Mean cross entropy to ``target`` of the models, ``[b]``."""
+        return torch.stack([F.cross_entropy(m(x_cf), target, reduction="none") for m in self.models]).mean(0)
+
     def forward(self, x_cf, logits, feats, source, target) -> Tensor:
-        ce = torch.stack([F.cross_entropy(m(x_cf), target, reduction="none") for m in self.surrogates]).mean(0)
-        out = self.weight * ce
-        return out if self.dep is None else out + self.dep(x_cf, logits, feats, source, target)
+        if self.dep is None:
+            return torch.zeros(x_cf.shape[0], device=x_cf.device, dtype=torch.promote_types(x_cf.dtype, torch.float32))
+        return self.dep(x_cf, logits, feats, source, target)
+
+
+class SurrogateManifold(EnsembleManifold):
+    """``models``: classifiers trained from the explained one's recipe and data with other seeds.
+    A change that moves them all is less tied to one network's quirks."""
+
+    name = "surrogates"
+
+    @property
+    def surrogates(self) -> nn.ModuleList:
+        return self.models
 
 
 def functional_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -250,8 +267,9 @@ class DUQ(Manifold):
 
 class Surrogates(Manifold):
     """``SurrogateManifold``: ``k`` surrogate classifiers (the explained classifier's recipe and
-    training data, seeds ``seed + 1000 (i + 1)``) whose mean cross entropy to the target,
-    weighted by ``weight``, is added to the DEP term (``dep``: true) of the explained one. A
+    training data, seeds ``seed + 1000 (i + 1)``) whose mean cross entropy to the target is its
+    own objective term (``surrogates``, weight ``weight``), beside the DEP term (``dep``: true;
+    weight ``lambda_mc``) of the explained one. A
     bring-your-own classifier has no recipe here: its surrogates are trained by disc_pl's own
     classifier recipe (``conf/model/classifier.yaml``) on the dataset's training images."""
 
@@ -264,7 +282,7 @@ class Surrogates(Manifold):
         "images (e.g. dataset=folder dataset.root=<a folder with one sub-folder of images per class>), "
         "or choose manifold=dep, duq or none")
 
-    def __init__(self, lambda_mc: float = 0.1, k: int = 4, weight: float = 10.0, dep: bool = True,
+    def __init__(self, lambda_mc: float = 0.1, k: int = 4, weight: float = 1.0, dep: bool = True,
                  name: str | None = None) -> None:
         super().__init__(lambda_mc, name)
         require("manifold", [("k", k, is_integer(k) and k >= 1, "must be an integer >= 1"),
@@ -281,32 +299,27 @@ class Surrogates(Manifold):
                                  DEPManifold(classifier) if self.dep else None, self.weight)
 
 
-class RobustManifoldLoss(nn.Module):
-    """DEP of the explained classifier (optional) + ``weight`` x the mean cross entropy to the
-    target of adversarially trained ``models`` (``disc_pl.models.robust``). A robust model's
-    loss falls only when the image takes on the target class's features (perceptually aligned
-    gradients), so this pulls the change towards what the class looks like. ``cone_angle``
-    (degrees, or None) also turns the functional term into the cone projection
+class RobustManifoldLoss(EnsembleManifold):
+    """``models``: adversarially trained CNNs (``disc_pl.models.robust``). A robust model's loss
+    falls only when the image takes on the target class's features (perceptually aligned
+    gradients), so their term pulls the change towards what the class looks like.
+    ``cone_angle`` (degrees, or None) also turns the functional term into the cone projection
     (``disc_pl.cf.objective.ConeFunctionalTerm``)."""
+
+    name = "robust"
 
     def __init__(self, models: Sequence[nn.Module], dep: DEPManifold | None = None, weight: float = 1.0,
                  cone_angle: float | None = None) -> None:
-        super().__init__()
-        self.models = nn.ModuleList(models)
-        self.dep = dep
-        self.weight = float(weight)
+        super().__init__(models, dep, weight)
         self.cone_angle = None if cone_angle is None else float(cone_angle)
 
-    def robust_loss(self, x_cf: Tensor, target: Tensor) -> Tensor:
-        """Mean cross entropy to ``target`` of the robust models ``[b]`` (float32 inputs: they
-        were trained in float32 and are cheap)."""
+    def ensemble_loss(self, x_cf: Tensor, target: Tensor) -> Tensor:
+        """In float32 (the models were trained in float32 and are cheap)."""
         x = x_cf.float()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return torch.stack([F.cross_entropy(m(x), target, reduction="none") for m in self.models]).mean(0)
+            return super().ensemble_loss(x, target)
 
-    def forward(self, x_cf, logits, feats, source, target) -> Tensor:
-        out = self.weight * self.robust_loss(x_cf, target) if self.weight else torch.zeros_like(logits[:, 0]).float()
-        return out if self.dep is None else out + self.dep(x_cf, logits, feats, source, target)
+    robust_loss = ensemble_loss
 
 
 # The robust models' training recipe (disc_pl.models.robust; conf/manifold/robust.yaml's recipe).
@@ -324,7 +337,7 @@ class Robust(Manifold):
 
     name = "robust"
 
-    def __init__(self, lambda_mc: float = 0.1, k: int = 2, weight: float = 10.0, dep: bool = True,
+    def __init__(self, lambda_mc: float = 0.1, k: int = 2, weight: float = 1.0, dep: bool = True,
                  cone_angle: float | None = None, recipe: Any = ROBUST_RECIPE, name: str | None = None) -> None:
         super().__init__(lambda_mc, name)
         require("manifold", [("k", k, is_integer(k) and k >= 1, "must be an integer >= 1"),

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from disc_pl.cf.losses import RobustManifoldLoss, SemanticSpace, cone_project, functional_loss, semantic_space
+from disc_pl.cf.losses import (EnsembleManifold, RobustManifoldLoss, SemanticSpace, cone_project, functional_loss,
+                              semantic_space)
 from disc_pl.errors import is_integer, is_number, require
 
 
@@ -88,6 +89,20 @@ class ManifoldTerm(Term):
         if self.manifold is None:
             return torch.zeros(step.logits.shape[0], device=step.logits.device, dtype=step.logits.dtype)
         return self.manifold(step.x, step.logits, step.feats, step.source, step.target)
+
+
+class EnsembleTerm(Term):
+    """The mean cross entropy to the target of a manifold's other models (robust models or
+    surrogates: ``disc_pl.cf.losses.EnsembleManifold``), named after the manifold (``robust``,
+    ``surrogates``), weighted by the manifold's ``weight``."""
+
+    def __init__(self, manifold: nn.Module, weight: float = 1.0) -> None:
+        self.name = manifold.name
+        super().__init__(weight)
+        self.manifold = manifold
+
+    def __call__(self, step, state):
+        return self.manifold.ensemble_loss(step.x, step.target)
 
 
 def random_views(x: Tensor, shift: float, noise: float, hflip: bool = False) -> Tensor:
@@ -267,8 +282,9 @@ def default_objective(options: Any, manifold: nn.Module | None = None) -> list[T
     """The paper's objective (eq. 5) with the coefficients of ``options`` (an
     ``InversionOptions``), + the gate's area, + the optional terms ``options.terms`` (the
     ``term`` config group: one class and one yaml each)."""
+    ensemble = [EnsembleTerm(manifold, manifold.weight)] if isinstance(manifold, EnsembleManifold) else []
     return [SemanticTerm(options.space, options.layers, options.lambda_sem, options.relax),
-            ManifoldTerm(manifold, options.lambda_mc),
+            ManifoldTerm(manifold, options.lambda_mc), *ensemble,
             functional_term(options, manifold),
             PriorTerm(1.0), AreaTerm(options.gate.lambda_area if options.gate is not None else 0.0),
             *options.terms]
