@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from disc_pl import tracking
 from disc_pl.errors import ConfigError
 from disc_pl.cf.engine import InversionOptions, PriorFallback, prior_schedule
-from disc_pl.cf.losses import Manifold, Surrogates
+from disc_pl.cf.losses import Manifold, RobustManifoldLoss, SurrogateManifold, Surrogates
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
 from disc_pl.cf.progress import QueryProgress
 from disc_pl.cf.results import (check_config_stamp, ensure_writable_dir, finished_query_ids, flatten, merge_parts,
@@ -110,7 +110,7 @@ def surrogates_provenance(cfg: DictConfig, manifold: Manifold) -> dict[str, str]
     """``manifold/surrogates_recipe`` of metrics.json where the manifold has surrogates:
     ``"explained"`` (the explained classifier's recipe) or ``"disc_pl"`` (disc_pl's own recipe,
     for a bring-your-own classifier)."""
-    if not getattr(manifold, "needs_surrogates", 0):
+    if not manifold.needs_surrogates:
         return {}
     return {"manifold/surrogates_recipe": "disc_pl" if is_byo(cfg.models.classifier) else "explained"}
 
@@ -139,11 +139,7 @@ def build_manifold(cfg: DictConfig, classifier: torch.nn.Module, manifold: Manif
             datamodule = instantiate(cfg.dataset)
             datamodule.setup()
         return ensure_robust_model(manifold.recipe, datamodule, int(cfg.seed) + 3000 * (i + 1), cfg.cache_dir)
-    if getattr(manifold, "needs_robust", 0):
-        return manifold(classifier, duq, load_robust=robust)
-    if getattr(manifold, "needs_surrogates", 0):
-        return manifold(classifier, duq, surrogate)
-    return manifold(classifier, duq)
+    return manifold(classifier, duq, surrogate, load_robust=robust)
 
 
 def select_queries(dm, classifier: torch.nn.Module, qcfg: DictConfig) -> tuple[list[int], int, int]:
@@ -296,8 +292,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     rows, tensors = merge_parts(out_dir)
     rows = [r for r in rows if r["query_id"] in set(indices)]
     validity_metrics = add_validity(cfg, dm, classifier, rows, tensors, indices, target,  # judges, COUT, references
-                                    byo=is_byo(cfg.models.classifier), surrogates=getattr(manifold, "surrogates", None),
-                                    robust=getattr(manifold, "models", None))
+                                    byo=is_byo(cfg.models.classifier),
+                                    surrogates=manifold.models if isinstance(manifold, SurrogateManifold) else None,
+                                    robust=manifold.models if isinstance(manifold, RobustManifoldLoss) else None)
     validity_metrics.update(add_shortcut_figures(cfg, dm, classifier, rows, tensors, indices, target))  # planted cue
     write_results_table(out_dir / "results.csv", rows)
     keep = torch.isin(tensors["query_id"], torch.tensor(indices))

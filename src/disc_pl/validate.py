@@ -141,7 +141,7 @@ def _check_parts(ch: Checks) -> None:
             ch.add(err.key, err.value, err.allowed)
     if manifold is None:
         return
-    if getattr(manifold, "needs_robust", 0):
+    if manifold.needs_robust:
         collect(ch, lambda: robust_recipe(manifold.recipe))
     if manifold.needs_dep and ours and ch.get("models.classifier.use_dep") is False:
         ch.add("models.classifier.use_dep", False, f"manifold={manifold.name} needs the classifier's DEP loss "

@@ -101,7 +101,7 @@ def semantic_space(space: str | SemanticSpace = "lso", layers: Sequence[int] = (
         return space
     if space not in SPACES:
         raise ConfigError.one("space", space, "is not known; use 'lso' (latent) or 'iso' (pixels)")
-    return LatentSpace(layers, lambda_sem) if space == "lso" else PixelSpace(lambda_sem)
+    return SPACES[space](layers=layers, lambda_sem=lambda_sem) if space == "lso" else SPACES[space](lambda_sem)
 
 
 def SemanticLoss(space: str = "lso", layers: Sequence[int] = (0, 1, 2, 3)) -> SemanticSpace:  # noqa: N802
@@ -202,8 +202,7 @@ def functional_loss(logits: Tensor, target: Tensor) -> Tensor:
 class Manifold:
     """The ``manifold`` config group (``conf/manifold/*.yaml``): a factory that builds the L_mc
     model for the explained classifier, ``manifold(classifier, load_duq) -> nn.Module | None``.
-    ``load_duq`` is a zero-argument callable returning the (cached) DUQ model; only a manifold
-    with ``needs_duq`` calls it. ``lambda_mc`` is the term's weight (lambda2); ``name`` a label."""
+    ``lambda_mc`` is the DEP / DUQ term's weight (lambda2); ``name`` a label."""
 
     name = "manifold"
     needs_dep = False   # the classifier needs its DEP loss predictor
@@ -219,7 +218,11 @@ class Manifold:
     needs_robust = 0      # adversarially trained models (disc_pl.models.robust)
 
     def __call__(self, classifier: nn.Module, load_duq: Callable[[], nn.Module] | None = None,
-                 load_surrogate: Callable[[int], nn.Module] | None = None) -> nn.Module | None:
+                 load_surrogate: Callable[[int], nn.Module] | None = None,
+                 load_robust: Callable[[int], nn.Module] | None = None) -> nn.Module | None:
+        """The L_mc model; ``load_duq()``, ``load_surrogate(i)``, ``load_robust(i)`` give the
+        (cached) models a manifold says it needs (``needs_duq``, ``needs_surrogates``,
+        ``needs_robust``); the others are never called."""
         raise NotImplementedError
 
 
@@ -231,7 +234,7 @@ class NoManifold(Manifold):
     def __init__(self, lambda_mc: float = 0.0, name: str | None = None) -> None:
         super().__init__(lambda_mc, name)
 
-    def __call__(self, classifier, load_duq=None, load_surrogate=None):
+    def __call__(self, classifier, load_duq=None, load_surrogate=None, load_robust=None):
         return None
 
 
@@ -244,7 +247,7 @@ class DEP(Manifold):
     def __init__(self, lambda_mc: float = 0.1, name: str | None = None) -> None:
         super().__init__(lambda_mc, name)
 
-    def __call__(self, classifier, load_duq=None, load_surrogate=None):
+    def __call__(self, classifier, load_duq=None, load_surrogate=None, load_robust=None):
         return DEPManifold(classifier)
 
 
@@ -259,7 +262,7 @@ class DUQ(Manifold):
         require("manifold", [("margin", margin, is_number(margin, 0), "must be a number >= 0")])
         self.margin = float(margin)
 
-    def __call__(self, classifier, load_duq=None, load_surrogate=None):
+    def __call__(self, classifier, load_duq=None, load_surrogate=None, load_robust=None):
         if load_duq is None:
             raise ValueError("manifold=duq needs the DUQ model: pass load_duq (a callable returning it)")
         return DUQManifold(load_duq(), margin=self.margin)
@@ -292,7 +295,7 @@ class Surrogates(Manifold):
         self.needs_dep = self.dep
         self.needs_surrogates = self.k
 
-    def __call__(self, classifier, load_duq=None, load_surrogate=None):
+    def __call__(self, classifier, load_duq=None, load_surrogate=None, load_robust=None):
         if load_surrogate is None:
             raise ValueError("manifold=surrogates needs load_surrogate (a callable i -> the i-th surrogate)")
         return SurrogateManifold([load_surrogate(i) for i in range(self.k)],

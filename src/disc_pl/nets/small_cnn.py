@@ -3,9 +3,8 @@
 Three conv(3x3)-BN-ReLU-maxpool(2) blocks with widths (w, 2w, 4w), then one linear layer on the
 *flattened* map (no global pooling): the attribute of aligned images (a mouth, a lesion centre)
 sits at a roughly fixed place, and keeping where a feature is makes the network learn from a
-few dozen images per class, where a globally pooled ResNet-18 stays at chance (measured on
-synthetic_faces at 32 px with flips and 2-pixel shifts: test accuracy ~0.95 from 64 images per
-class, 0.6-0.85 from 48; a width-8 ResNet-18 gave 0.49 from 32).
+few dozen images per class, where a globally pooled ResNet-18 stays at chance
+(docs/FINDINGS.md, "SmallCNN").
 Takes [0, 1] pixels; normalisation is inside, as for every network of the project.
 """
 from __future__ import annotations
