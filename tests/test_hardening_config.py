@@ -220,3 +220,8 @@ def test_localize_none_has_no_gate_keys_to_set():
     """localize=none builds no gate: its grid cannot be set (no `grid 0 = off` twin of the option)."""
     with pytest.raises(ConfigCompositionException, match="grid"):
         compose_cfg(["localize=none", "localize.grid=8"])
+
+
+def test_a_prior_without_its_reconstruction_settings_is_refused(tmp_path):
+    err = run_fails(tmp_path, ["~prior.recon.psnr_target"])
+    assert err.key == "prior.recon.psnr_target" and "must be set" in err.allowed

@@ -243,13 +243,13 @@ def prior_schedule(prior: Mapping, steps_per_stage: int | None = None, min_steps
     (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``) and its reconstruction (``recon.max_steps``,
     ``recon.psnr_target``, ``recon.lr``, ``recon.sizes``), each stage ``steps_per_stage`` long
     with ``min_steps`` before an early stop (None: the options')."""
-    recon = prior.get("recon") or {}
+    recon = prior["recon"]
     sizes = stage_sizes(prior)
     return dict(lr=float(prior["lr"]),
                 stages=[Stage(list(g), steps_per_stage, min_steps, size=size)
                         for g, size in zip(prior["stages"], sizes, strict=True)],  # lengths: validate
-                recon_steps=int(recon.get("max_steps", 0)), psnr_target=float(recon.get("psnr_target", 35.0)),
-                recon_lr=recon.get("lr"), recon_sizes=tuple(recon.get("sizes") or (None,)))
+                recon_steps=int(recon["max_steps"]), psnr_target=float(recon["psnr_target"]),
+                recon_lr=recon["lr"], recon_sizes=tuple(recon.get("sizes") or (None,)))  # sizes: optional
 
 
 def generate_counterfactuals(

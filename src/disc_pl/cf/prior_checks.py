@@ -22,6 +22,10 @@ def check_prior(ch: Checks, key: str = "prior") -> None:
         ch.add(f"{key}.name", name, "must be the prior's name (a label: tv, dip, inr, ...)")
     ch.number(f"{key}.lr", 0, low_open=True)
     ch.number(f"{key}.lambda_sem", 0)
+    for k in ("max_steps", "psnr_target", "lr"):
+        if ch.get(f"{key}.recon.{k}") is ABSENT:
+            ch.add(f"{key}.recon.{k}", ABSENT, "must be set (the reconstruction: max_steps, psnr_target, lr; "
+                   "see conf/prior/*.yaml)")
     ch.integer(f"{key}.recon.max_steps", 0)
     ch.number(f"{key}.recon.psnr_target", 0, low_open=True)
     ch.number(f"{key}.recon.lr", 0, low_open=True, nullable=True)
