@@ -115,3 +115,12 @@ def toy_queries(faces, toy_classifier):
     idx = [i for i, k in zip(idx, ok.tolist()) if k][:8]
     images = torch.stack([data[i]["image"] for i in idx])
     return images, torch.ones(len(idx), dtype=torch.long), idx
+
+
+@pytest.fixture
+def float64():
+    """Float64 for the analytic engine tests: round-off (1e-16) cannot cross a threshold."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

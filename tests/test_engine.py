@@ -48,15 +48,6 @@ def test_counterfactual_flips_trained_classifier(toy_classifier, toy_queries):
     assert (out.recon_psnr > 25).all()
 
 
-@pytest.fixture
-def float64():
-    """Float64 for the analytic engine tests: round-off (1e-16) cannot cross a threshold."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def _analytic_opts(prior: str, gate: bool, **kw) -> InversionOptions:
     schedule = ([Stage(["out"], 20, 3), Stage(["all"], 20, 3)] if prior == "inr"
                 else [Stage(["pixels"], 150, 3)])

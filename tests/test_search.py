@@ -20,14 +20,6 @@ from disc_pl.cf.search import Retry, _take_better, retry
 SMALL_INR = dict(n_frequencies=64, sigma=3.0, first_omega0=3.0, hidden=64, depth=2)
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def _batch(status, target_prob, value, localized=None) -> CounterfactualBatch:
     """A hand-made result: every per-query field of row i is ``value + i`` (images, losses, ...)."""
     n = len(status)

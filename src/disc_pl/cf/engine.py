@@ -35,6 +35,7 @@ How a batch is optimised (SPEC sections 2-5):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,26 +73,21 @@ class Stage:
 class PriorFallback:
     """A second prior for the queries the first one does not flip (``prior.fallback``): the
     generator (a prior name + ``prior_hparams``, or a factory ``(images, seeds) -> Prior``) and
-    the options of its run. ``options`` None: the first prior's options with the fallback's own
-    schedule (lr, stages, reconstruction: ``schedule``, or conf/prior/<name>.yaml's for a prior
-    given by name), filled in by the ``InversionOptions`` that holds it."""
+    the options of its run. ``options`` None (a prior given by name): the first prior's options
+    with conf/prior/<name>.yaml's schedule (lr, stages, reconstruction)."""
 
     prior: str | Callable[[Tensor, Sequence[int]], Prior]
     options: "InversionOptions | None" = None
     prior_hparams: Mapping | None = None
     name: str = ""                          # a label for logs
-    schedule: Mapping | None = None         # with options None: the fallback's own schedule
 
     def options_for(self, first: "InversionOptions") -> "InversionOptions":
         """The options of the fallback's run after a first run with ``first``."""
         if self.options is not None:
             return self.options
-        schedule = self.schedule
-        if schedule is None:
-            if not isinstance(self.prior, str):
-                raise ValueError("a PriorFallback with a generator factory needs its options or its schedule")
-            schedule = prior_schedule(prior_config(self.prior))
-        return dataclasses.replace(first, **schedule, fallback=None)
+        if not isinstance(self.prior, str):
+            raise ValueError("a PriorFallback with a generator factory needs its options")
+        return dataclasses.replace(first, **prior_schedule(prior_config(self.prior)), fallback=None)
 
 
 def _default_fallback() -> PriorFallback:
@@ -208,9 +204,11 @@ class InversionOptions:
         return cls(**{**prior_schedule(prior), **kw})
 
 
+@functools.lru_cache(maxsize=None)
 def prior_config(name: str) -> Mapping:
     """conf/prior/<name>.yaml as Hydra composes it at ``prior`` (with the fallback prior it
-    composes, at ``fallback``)."""
+    composes, at ``fallback``); read once per process (the default fallback asks every batch),
+    so read-only."""
     from omegaconf import OmegaConf
 
     path = Path(CONF_DIR) / "prior" / f"{name}.yaml"

@@ -101,7 +101,7 @@ def semantic_space(space: str | SemanticSpace = "lso", layers: Sequence[int] = (
         return space
     if space not in SPACES:
         raise ConfigError.one("space", space, "is not known; use 'lso' (latent) or 'iso' (pixels)")
-    return SPACES[space](layers=layers, lambda_sem=lambda_sem) if space == "lso" else SPACES[space](lambda_sem)
+    return LatentSpace(layers, lambda_sem) if space == "lso" else PixelSpace(lambda_sem)
 
 
 def SemanticLoss(space: str = "lso", layers: Sequence[int] = (0, 1, 2, 3)) -> SemanticSpace:  # noqa: N802
@@ -188,10 +188,6 @@ class SurrogateManifold(EnsembleManifold):
     A change that moves them all is less tied to one network's quirks."""
 
     name = "surrogates"
-
-    @property
-    def surrogates(self) -> nn.ModuleList:
-        return self.models
 
 
 def functional_loss(logits: Tensor, target: Tensor) -> Tensor:
