@@ -51,6 +51,14 @@ def test_summary_says_flip_rate_time_and_the_files_that_exist(tmp_path):
     assert "robust judges   0.250  (target prob 0.300)" in robust.splitlines()  # another panel of judges
 
 
+def test_summary_says_how_to_retry_what_no_localized_edit_flipped():
+    gated = console.summary({**RUN, "cf/localized_rate": 1.0}, None)
+    assert "localize.fallback=true" in gated  # a gated run left a query unflipped: the way to retry it
+    assert "localize.fallback" not in console.summary(RUN, None)  # no gate: nothing to retry
+    all_flipped = {**RUN, "cf/localized_rate": 1.0, "cf/n_not_flipped": 0, "cf/n_flipped": 16, "cf/flip_rate": 1.0}
+    assert "localize.fallback" not in console.summary(all_flipped, None)
+
+
 def test_summary_of_an_evaluation_and_of_nothing(tmp_path):
     evaluated = console.summary({**RUN, "cd/mean": 0.12, "cd/std": 0.03, "cd/acc_real": 0.9, "cd/acc_cf": 0.78}, None)
     assert "discrepancy     0.120 ± 0.030  (classifier accuracy real 0.900, counterfactual 0.780)" in evaluated
@@ -95,7 +103,7 @@ def test_the_engine_reports_where_each_step_stands():
     flips nothing, the ungated retry (a second pass, its steps counted from 1 again) flips all."""
     x, t = analytic.patch_queries(3)
     opts = InversionOptions(space="iso", lambda_sem=10.0, lr=1e-3, recon_steps=0, target_margin=0.2,
-                            target_confidence=None, fallback=None, gate=GateOptions(lambda_area=50.0),
+                            target_confidence=None, fallback=None, gate=GateOptions(lambda_area=50.0, fallback=True),
                             stages=[Stage(["pixels"], 30, 3), Stage(["pixels"], 30, 3)], log_every=1)
     logged: list[dict] = []
     out = generate_counterfactuals(analytic.PatchReader(), x, t, prior="tv", options=opts, on_log=logged.append)

@@ -23,7 +23,7 @@ SMALL_INR = dict(n_frequencies=64, sigma=3.0, first_omega0=3.0, hidden=64, depth
 
 def options(**kw) -> InversionOptions:
     base = dict(lr=3e-3, recon_steps=150, psnr_target=30.0, target_margin=0.2, target_confidence=None, fallback=None,
-                lambda_sem=1.0, lambda_mc=1.0,
+                lambda_sem=1.0, lambda_mc=1.0, gate=GateOptions(fallback=True),
                 stages=[Stage(["out"], 60, 5), Stage(["hidden1", "out"], 60, 5), Stage(["all"], 80, 5)])
     base.update(kw)
     return InversionOptions(**base)
@@ -53,7 +53,7 @@ def _analytic_opts(prior: str, gate: bool, **kw) -> InversionOptions:
                 else [Stage(["pixels"], 150, 3)])
     base = dict(space="iso", lambda_sem=10.0, lr=3e-3 if prior == "inr" else 1e-3, recon_steps=40 if prior == "inr" else 0,
                 psnr_target=30.0, target_margin=0.2, target_confidence=None, fallback=None, stages=schedule,
-                gate=GateOptions(lambda_area=50.0) if gate else None)
+                gate=GateOptions(lambda_area=50.0, fallback=True) if gate else None)
     base.update(kw)
     return InversionOptions(**base)
 

@@ -43,7 +43,7 @@ def patch_queries():
 
 
 def _gate(grid: int) -> GateOptions | None:
-    return GateOptions(grid=grid, lambda_area=50.0) if grid else None
+    return GateOptions(grid=grid, lambda_area=50.0, fallback=True) if grid else None
 
 
 def _opts(grid: int) -> InversionOptions:
@@ -91,10 +91,11 @@ def test_query_the_gate_cannot_flip_falls_back_to_the_paper_objective(patch_quer
     model = SpreadReader()
     x, t = patch_queries
     x, t = x[:2], t[:2]
-    strict = dataclasses.replace(_opts(8), gate=GateOptions(lambda_area=500.0), stages=[Stage(["pixels"], 60, 5)])
+    strict = dataclasses.replace(_opts(8), gate=GateOptions(lambda_area=500.0, fallback=True),
+                                 stages=[Stage(["pixels"], 60, 5)])
+    # off by default: the query is reported not flipped, with its closest localized attempt
     alone = generate_counterfactuals(model, x, t, prior="tv",
-                                     options=dataclasses.replace(strict, gate=GateOptions(lambda_area=500.0,
-                                                                                          fallback=False)))
+                                     options=dataclasses.replace(strict, gate=GateOptions(lambda_area=500.0)))
     assert alone.status == ["not_flipped"] * 2 and alone.localized.all()
     rescued = generate_counterfactuals(model, x, t, prior="tv", options=strict)
     assert rescued.status == ["flipped"] * 2 and not rescued.localized.any()
@@ -114,7 +115,7 @@ def test_fallback_reuses_the_reconstruction(patch_queries, monkeypatch):
     model = SpreadReader()
     x, t = patch_queries
     x, t = x[:2], t[:2]
-    strict = dataclasses.replace(_opts(8), gate=GateOptions(lambda_area=500.0), recon_steps=20, lr=3e-3,
+    strict = dataclasses.replace(_opts(8), gate=GateOptions(lambda_area=500.0, fallback=True), recon_steps=20, lr=3e-3,
                                  stages=[Stage(["out"], 30, 3), Stage(["all"], 30, 3)])
     fits = []
     reconstruct = INRPrior.reconstruct

@@ -95,6 +95,9 @@ def summary(metrics: Mapping[str, Any], out_dir: str | Path | None) -> str:
                               for s in ("not_flipped", "diverged") if metrics.get(f"cf/n_{s}"))
             counts += ")"
         lines.append(f"flip rate       {_figure(metrics['cf/flip_rate'])}{counts}")
+        if metrics.get("cf/n_not_flipped") and "cf/localized_rate" in metrics:
+            lines.append(f"{'':<16}(no localized edit flips those: localize.fallback=true retries them without "
+                         "the gate, which may change the whole image)")
     if "cf/judge_flip_rate" in metrics:
         parts = [f"target prob {_spread(metrics, 'cf/judge_target_prob')}"]
         if "judge/acc" in metrics:

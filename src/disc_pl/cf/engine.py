@@ -271,11 +271,11 @@ def generate_counterfactuals(
     chances below, both ``Retry`` plans of ``disc_pl.cf.search.retry`` (a retry's result replaces
     the first where it flipped or came closer; ``steps`` and ``seconds`` count both).
 
-    With the localization gate on and ``gate.fallback`` (default), a query the gated search
+    With the localization gate on and ``gate.fallback`` (off by default: where no local edit
+    flips a query, the ungated search repaints the whole image), a query the gated search
     does not flip is searched again with the paper's objective (no gate, same seed), starting
     from the generators the gated search fitted (one reconstruction); ``localized[i]`` says
-    which search the returned image came from. A query is thus never left unflipped only
-    because its evidence is not local. It works whatever form ``prior`` takes: a prior by name
+    which search the returned image came from. It works whatever form ``prior`` takes: a prior by name
     or factory is built again for the queries retried and loads their fitted state rows; a
     ``Prior`` instance (built for the whole batch) is restored to its fitted state and searched
     again with only those queries active.

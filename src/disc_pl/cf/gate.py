@@ -35,7 +35,7 @@ class GateOptions:
     lambda_area: float = 10.0  # weight of the gated fraction of the image (term ``area``)
     lr: float = 0.1           # Adam lr of the gate logits
     init: float = -3.0        # initial logit: sigmoid(-3) = 0.05 open
-    fallback: bool = True     # queries the gated search cannot flip are redone ungated
+    fallback: bool = False    # true: queries the gated search cannot flip are redone ungated
     name: str = "gate"        # a label
 
     def __post_init__(self) -> None:
