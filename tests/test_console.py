@@ -52,10 +52,13 @@ def test_summary_says_flip_rate_time_and_the_files_that_exist(tmp_path):
 
 
 def test_summary_says_how_to_retry_what_no_localized_edit_flipped():
-    gated = console.summary({**RUN, "cf/localized_rate": 1.0}, None)
+    gated = console.summary({**RUN, "cf/n_not_flipped_localized": 1}, None)
     assert "localize.fallback=true" in gated  # a gated run left a query unflipped: the way to retry it
     assert "localize.fallback" not in console.summary(RUN, None)  # no gate: nothing to retry
-    all_flipped = {**RUN, "cf/localized_rate": 1.0, "cf/n_not_flipped": 0, "cf/n_flipped": 16, "cf/flip_rate": 1.0}
+    none_flipped = {**RUN, "cf/n_not_flipped_localized": 16, "cf/n_not_flipped": 16, "cf/n_flipped": 0,
+                    "cf/flip_rate": 0.0}
+    assert "localize.fallback=true" in console.summary(none_flipped, None)  # also when nothing flipped
+    all_flipped = {**RUN, "cf/n_not_flipped_localized": 0, "cf/n_not_flipped": 0, "cf/n_flipped": 16, "cf/flip_rate": 1.0}
     assert "localize.fallback" not in console.summary(all_flipped, None)
 
 

@@ -35,6 +35,14 @@ def test_summary_figures_are_over_flipped_queries_and_the_rest_is_counted():
     assert "cf/mse" not in none_flipped and none_flipped["cf/n_not_flipped"] == 1
 
 
+def test_unflipped_queries_the_gate_left_are_counted():
+    rows = [{**_row("flipped", 0.02), "localized": True}, {**_row("not_flipped", 0.5), "localized": True},
+            {**_row("not_flipped", 0.5), "localized": False}, {**_row("diverged", 0.0), "localized": True}]
+    m = job.summarize(rows)
+    assert m["cf/n_not_flipped_localized"] == 1  # the ungated retry's attempt and a divergence are not
+    assert "cf/n_not_flipped_localized" not in job.summarize([{**_row("not_flipped", 0.5), "localized": ""}])
+
+
 def test_ground_truth_recovery_has_a_median_beside_the_mean():
     """One query with a tiny true change (recovery -17) drags the mean below 0; the median
     shows where most counterfactuals are. Over the flipped queries only, NaN skipped."""

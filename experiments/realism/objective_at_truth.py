@@ -18,6 +18,7 @@ tips the balance).
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -86,7 +87,6 @@ if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     runs = [analyse(Path(p)) for p in sys.argv[1:]]
     if len(runs) > 1:
-        import statistics
         print("## over the jobs (mean ± population std)\n")
         for key in runs[0]:
             vals = [r[key] for r in runs]

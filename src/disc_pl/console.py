@@ -95,7 +95,7 @@ def summary(metrics: Mapping[str, Any], out_dir: str | Path | None) -> str:
                               for s in ("not_flipped", "diverged") if metrics.get(f"cf/n_{s}"))
             counts += ")"
         lines.append(f"flip rate       {_figure(metrics['cf/flip_rate'])}{counts}")
-        if metrics.get("cf/n_not_flipped") and "cf/localized_rate" in metrics:
+        if metrics.get("cf/n_not_flipped_localized"):
             lines.append(f"{'':<16}(no localized edit flips those: localize.fallback=true retries them without "
                          "the gate, which may change the whole image)")
     if "cf/judge_flip_rate" in metrics:

@@ -220,6 +220,9 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     flipped = [r for r in rows if r["flipped"] and isinstance(r.get("localized"), bool)]  # "" without the gate
     if flipped:
         out["cf/localized_rate"] = sum(r["localized"] for r in flipped) / len(flipped)
+    # queries left unflipped with the gate's closest attempt (no ungated retry replaced it)
+    if any(isinstance(r.get("localized"), bool) for r in rows):
+        out["cf/n_not_flipped_localized"] = sum(r["status"] == "not_flipped" and r["localized"] is True for r in rows)
     # share of the flipped counterfactuals made by the fallback prior (prior.fallback)
     by_fallback = [r for r in rows if r["flipped"] and isinstance(r.get("fallback"), bool)]  # "" without one
     if by_fallback:
