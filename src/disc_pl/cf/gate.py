@@ -26,6 +26,9 @@ from torch import Tensor
 from disc_pl.errors import ConfigError, is_integer, is_number, require
 
 
+OPENED_BY = ("all", "explained")
+
+
 @dataclass(frozen=True)
 class GateOptions:
     """The gate's options: what ``localize=gate`` builds (``conf/localize/gate.yaml``);
@@ -36,6 +39,10 @@ class GateOptions:
     lr: float = 0.1           # Adam lr of the gate logits
     init: float = -3.0        # initial logit: sigmoid(-3) = 0.05 open
     fallback: bool = False    # true: queries the gated search cannot flip are redone ungated
+    # who moves the gate: "all" (every term of the objective) or "explained" (the terms of the
+    # explained classifier and the costs; the other models, robust or surrogate, shape the change
+    # inside the gate but cannot open it elsewhere: they see x' with the gate held fixed)
+    opened_by: str = "all"
     name: str = "gate"        # a label
 
     def __post_init__(self) -> None:
@@ -44,7 +51,9 @@ class GateOptions:
             ("lambda_area", self.lambda_area, is_number(self.lambda_area, 0), "must be a number >= 0"),
             ("lr", self.lr, is_number(self.lr, 0, low_open=True), "must be a number > 0"),
             ("init", self.init, is_number(self.init), "must be a number (a logit; -3 = 5 % open)"),
-            ("fallback", self.fallback, isinstance(self.fallback, bool), "must be true or false")])
+            ("fallback", self.fallback, isinstance(self.fallback, bool), "must be true or false"),
+            ("opened_by", self.opened_by, self.opened_by in OPENED_BY,
+             f"must be one of {', '.join(OPENED_BY)} (who may open the gate)")])
 
     def check_image(self, size: int) -> None:
         """Raise ConfigError when the grid is finer than ``size`` x ``size`` images."""
@@ -79,4 +88,9 @@ class SpatialGate:
     def apply(self, query: Tensor, candidate: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(x', m): the candidate's change from the query, gated; and the mask used."""
         m = self.mask(rows)
-        return (query + m * (candidate - query)).clamp(0, 1), m
+        return blend(query, candidate, m), m
+
+
+def blend(query: Tensor, candidate: Tensor, m: Tensor) -> Tensor:
+    """x' = x + m * (G - x), in [0, 1]."""
+    return (query + m * (candidate - query)).clamp(0, 1)

@@ -37,6 +37,14 @@ class Step:
     prior: Any                # the batch's generators, a disc_pl.cf.priors.Prior (its regulariser)
     mask: Tensor | None       # [b, 1, H, W] gate mask, None without the gate
     classifier: Any = None    # the explained classifier (terms that evaluate other views of x)
+    # x with the gate held fixed (same values, no gradient to the gate): what models other than
+    # the explained classifier evaluate under ``localize.opened_by=explained``; None: x itself
+    x_held: Tensor | None = None
+
+    @property
+    def x_guide(self) -> Tensor:
+        """The image a guiding model (robust models, surrogates) evaluates."""
+        return self.x if self.x_held is None else self.x_held
 
 
 class Term:
@@ -102,7 +110,7 @@ class EnsembleTerm(Term):
         self.manifold = manifold
 
     def __call__(self, step, state):
-        return self.manifold.ensemble_loss(step.x, step.target)
+        return self.manifold.ensemble_loss(step.x_guide, step.target)
 
 
 def random_views(x: Tensor, shift: float, noise: float, hflip: bool = False) -> Tensor:

@@ -27,7 +27,7 @@ from torch.profiler import record_function
 
 from disc_pl.cf import precision as amp
 from disc_pl.cf.batch import DIVERGED, FLIPPED, NOT_FLIPPED, CounterfactualBatch, _probs, is_flipped
-from disc_pl.cf.gate import GateOptions, SpatialGate
+from disc_pl.cf.gate import GateOptions, SpatialGate, blend
 from disc_pl.cf.losses import per_sample_mse
 from disc_pl.cf.objective import Step, Term
 from disc_pl.cf.optim import RowAdam
@@ -141,12 +141,18 @@ class _Gate:
 
     def __init__(self, options: GateOptions, batch: int, size: tuple[int, int], device: torch.device) -> None:
         self.gate = SpatialGate(batch, options.grid, size, options.init, device)
+        self.held_for_guides = options.opened_by == "explained"
         self.optim = RowAdam([self.gate.logits], lr=options.lr)
         self.params = tuple(self.optim.params)
 
     def apply(self, query: Tensor, x: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor | None]:
         with record_function("disc_pl.gate"):
             return self.gate.apply(query, x, rows)
+
+    def held(self, query: Tensor, x: Tensor, m: Tensor | None) -> Tensor | None:
+        """x' with the gate held fixed (its gradient reaches the generator only), for the terms
+        that may not open the gate (``opened_by=explained``); None: they see x' itself."""
+        return blend(query, x, m.detach()) if self.held_for_guides and m is not None else None
 
     def zero_grad(self) -> None:
         self.optim.zero_grad()
@@ -166,6 +172,9 @@ class _NoGate(_Gate):
 
     def apply(self, query: Tensor, x: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor | None]:
         return x, None
+
+    def held(self, query: Tensor, x: Tensor, m: Tensor | None) -> Tensor | None:
+        return None
 
     def zero_grad(self) -> None:
         pass
@@ -305,8 +314,8 @@ class Search:
         # whole-batch paths instead of gathering and scattering every parameter row.
         everyone = idx.numel() == self.B
         query = self.images if everyone else self.images[idx]
-        x, m, logits, feats = self._forward(None if everyone else idx, query)
-        terms = self._objective(idx, query, x, m, logits, feats, weights)
+        x, m, logits, feats, guide = self._forward(None if everyone else idx, query)
+        terms = self._objective(idx, query, x, m, logits, feats, weights, guide)
         finite = torch.isfinite(terms["total"])
         self._update(terms["total"], finite, idx, everyone)
         with torch.no_grad(), record_function("disc_pl.bookkeeping"):
@@ -320,19 +329,23 @@ class Search:
         """x' of rows ``subset`` (None: all; gated), its logits and features, as the objective takes them."""
         with self.precision.autocast():
             with record_function("disc_pl.generator"):
-                x = self.render(subset)
-            x, m = self.gate.apply(query, x, subset)
+                g = self.render(subset)
+            x, m = self.gate.apply(query, g, subset)
+            guide = self.gate.held(query, g, m)
             with record_function("disc_pl.classifier"):
                 logits, feats = self.classifier.forward_features(x)
         x, logits, feats = self.precision.float32(x, logits, feats)
-        return x, m, logits, feats
+        if guide is not None and self.precision.name != "32":
+            guide = guide.float()
+        return x, m, logits, feats, guide
 
     def _objective(self, idx: Tensor, query: Tensor, x: Tensor, m: Tensor | None, logits: Tensor,
-                   feats: Sequence[Tensor], weights: Sequence[float]) -> dict[str, Tensor]:
+                   feats: Sequence[Tensor], weights: Sequence[float], guide: Tensor | None = None) -> dict[str, Tensor]:
         """Each term ``[b]`` by name, and their weighted sum ``total``."""
         with record_function("disc_pl.objective"):
             step = Step(x=x, logits=logits, feats=feats, query=query, source=self.source[idx],
-                        target=self.targets[idx], idx=idx, prior=self.gen, mask=m, classifier=self.classifier)
+                        target=self.targets[idx], idx=idx, prior=self.gen, mask=m, classifier=self.classifier,
+                        x_held=guide)
             terms = {t.name: t(step, self.states[t.name]) for t in self.objective}
             total = None
             for w, t in zip(weights, self.objective):
