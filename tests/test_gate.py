@@ -10,6 +10,7 @@ from analytic import PatchReader, SpreadReader
 
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
 from disc_pl.cf.gate import GateOptions, SpatialGate
+from disc_pl.errors import ConfigError
 from disc_pl.cf.losses import DEPManifold
 from disc_pl.metrics import functional as M
 
@@ -128,3 +129,42 @@ def test_fallback_reuses_the_reconstruction(patch_queries, monkeypatch):
     assert rescued.status == ungated.status
     assert torch.equal(rescued.images, ungated.images)
     assert torch.equal(rescued.recon_psnr, ungated.recon_psnr)
+
+
+class _MirrorReader(PatchReader):
+    """A guiding model that reads the patch's mirror image (cols 16:24) and nothing else: like
+    robust models trained with mirrored images on a classifier that never saw a mirror."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w.fill_(0.0)
+        self.w[..., 20:28, 16:24] = 1.0
+        self.w /= self.w.sum()
+        self.patch = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+        self.patch[..., 20:28, 16:24] = True
+
+
+@pytest.mark.parametrize("opened_by", ["all", "explained"])
+def test_only_the_explained_classifier_opens_the_gate_when_told(patch_queries, opened_by):
+    """``opened_by=explained``: a guiding model (robust / surrogate term) that rewards a change
+    where the explained classifier does not look shapes nothing there; with ``all`` it opens the
+    gate on its own region and takes a large share of the change."""
+    from disc_pl.cf.losses import RobustManifoldLoss
+
+    model, guide = PatchReader(), _MirrorReader()
+    x, t = patch_queries
+    opts = dataclasses.replace(_opts(8), gate=GateOptions(grid=8, lambda_area=50.0, opened_by=opened_by))
+    out = generate_counterfactuals(model, x, t, prior="tv", manifold=RobustManifoldLoss([guide], None, weight=1.0),
+                                   options=opts)
+    assert out.status == ["flipped"] * 4
+    on_guide, on_model = _in_patch(guide, x, out.images), _in_patch(model, x, out.images)
+    if opened_by == "explained":
+        assert on_guide.max() < 0.05 and on_model.min() > 0.9, (on_guide, on_model)
+    else:
+        assert on_guide.min() > 0.25, on_guide
+    assert torch.isfinite(out.losses["robust"]).all()  # the guide's term is evaluated either way
+
+
+def test_opened_by_is_checked():
+    with pytest.raises(ConfigError, match="localize.opened_by"):
+        GateOptions(opened_by="robust")
