@@ -69,7 +69,7 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
     fallback = cfg.prior.get("fallback")
     if fallback is not None:  # its own schedule and generator, the rest of the options as this prior's
         options = dataclasses.replace(options, fallback=PriorFallback(
-            prior=instantiate(fallback.hparams), name=str(fallback.name),
+            prior=instantiate(fallback.hparams), name=str(fallback.name), below=cfg.prior.get("fallback_below"),
             options=dataclasses.replace(options, **prior_schedule(fallback, inv.steps_per_stage, inv.min_steps))))
     return options, instantiate(cfg.prior.hparams)
 

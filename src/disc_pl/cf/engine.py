@@ -80,6 +80,22 @@ class PriorFallback:
     options: "InversionOptions | None" = None
     prior_hparams: Mapping | None = None
     name: str = ""                          # a label for logs
+    # The fallback also runs for the queries the first prior flipped with a target probability
+    # below this (a weak flip: the first prior could not draw the classifier's evidence, e.g. a
+    # colour a deformation has nowhere to take from); the more confident flipped result is kept.
+    # None: only the queries not flipped (conf/prior/warp.yaml's fallback_below).
+    below: float | None = None
+
+    def __post_init__(self) -> None:
+        require("prior", [("fallback_below", self.below, self.below is None or (is_number(self.below, 0)
+                                                                                and self.below <= 1),
+                           "must be a probability in [0, 1] or null")])
+
+    def rows(self, out: CounterfactualBatch) -> list[int]:
+        """The queries of a first run ``out`` the fallback runs for."""
+        below = self.below
+        return [i for i, s in enumerate(out.status)
+                if s == NOT_FLIPPED or (below is not None and s == FLIPPED and float(out.target_prob[i]) < below)]
 
     def options_for(self, first: "InversionOptions") -> "InversionOptions":
         """The options of the fallback's run after a first run with ``first``."""
@@ -90,8 +106,12 @@ class PriorFallback:
         return dataclasses.replace(first, **prior_schedule(prior_config(self.prior)), fallback=None)
 
 
+DEFAULT_FALLBACK_BELOW = None  # conf/prior/warp.yaml's fallback_below
+
+
 def _default_fallback() -> PriorFallback:
-    return PriorFallback("inr", name="inr")  # conf/prior/warp.yaml's (prior@prior.fallback: inr)
+    # conf/prior/warp.yaml's (prior@prior.fallback: inr, fallback_below)
+    return PriorFallback("inr", name="inr", below=DEFAULT_FALLBACK_BELOW)
 
 
 def _default_precision() -> str:
@@ -199,7 +219,8 @@ class InversionOptions:
         schedule and fallback (none unless it composes one), the rest as given or the defaults."""
         prior = prior_config(name)
         fallback = prior.get("fallback")
-        kw.setdefault("fallback", None if fallback is None else PriorFallback(str(fallback.name), name=str(fallback.name)))
+        kw.setdefault("fallback", None if fallback is None else PriorFallback(
+            str(fallback.name), name=str(fallback.name), below=prior.get("fallback_below")))
         kw.setdefault("lambda_sem", float(prior.lambda_sem) if "lambda_sem" in prior else 1.0)  # as space.lambda_sem
         return cls(**{**prior_schedule(prior), **kw})
 
@@ -325,4 +346,4 @@ def _prior_fallback(classifier: nn.Module, images: Tensor, targets: Tensor, seed
             manifold=setting.manifold, options=options, objective=objective,
             seeds=[seeds[i] for i in rows], on_log=setting.on_log)
 
-    return Retry(fb.name or "fallback prior", search, flag="fallback")
+    return Retry(fb.name or "fallback prior", search, flag="fallback", select=fb.rows)

@@ -455,6 +455,8 @@ class Retry:
     name: str
     search: Callable[[list[int]], CounterfactualBatch]
     flag: str | None = None
+    # the rows of a result it searches again (None: those ``not_flipped``)
+    select: Callable[[CounterfactualBatch], list[int]] | None = None
 
 
 def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBatch:
@@ -464,7 +466,8 @@ def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBat
     for plan in plans:
         if plan.flag is not None and getattr(out, plan.flag) is None:
             setattr(out, plan.flag, torch.zeros(len(out.status), dtype=torch.bool))
-        redo = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED]
+        redo = (plan.select(out) if plan.select is not None
+                else [i for i, s in enumerate(out.status) if s == NOT_FLIPPED])
         if not redo:
             continue
         again = plan.search(redo)
@@ -479,12 +482,20 @@ def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBat
 def _take_better(out: CounterfactualBatch, redo: Sequence[int],
                  again: CounterfactualBatch) -> tuple[Tensor, Tensor]:
     """Merge a second search over the rows ``redo`` of ``out`` into ``out``: its result replaces
-    the first attempt where it flipped, or where neither flipped and it came closer (higher
-    target probability); steps and seconds of both are counted. Returns the rows replaced (of
-    ``out``) and where they are in ``again``."""
+    a first attempt that did not flip where it flipped, or where neither flipped and it came
+    closer (higher target probability); a first attempt that flipped, where it flipped too with
+    a higher target probability. Steps and seconds of both are counted. Returns the rows
+    replaced (of ``out``) and where they are in ``again``."""
     rows = torch.tensor(list(redo), dtype=torch.long)
-    better = torch.tensor([s == FLIPPED or (s == NOT_FLIPPED and float(p) > float(out.target_prob[i]))
-                           for s, p, i in zip(again.status, again.target_prob, redo)], dtype=torch.bool)
+
+    def better_than_first(s: str, p: Tensor, i: int) -> bool:
+        closer = float(p) > float(out.target_prob[i])
+        if out.status[i] == FLIPPED:
+            return s == FLIPPED and closer
+        return s == FLIPPED or (s == NOT_FLIPPED and closer)
+
+    better = torch.tensor([better_than_first(s, p, i) for s, p, i in zip(again.status, again.target_prob, redo)],
+                          dtype=torch.bool)
     take, src = rows[better], torch.arange(len(redo))[better]
     for name in ("images", "target_prob", "prediction", "recon_psnr"):
         getattr(out, name)[take] = getattr(again, name)[src]
