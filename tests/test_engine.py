@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from analytic import PatchReader
 
+from disc_pl.errors import ConfigError
 from disc_pl.cf.engine import InversionOptions, PriorFallback, Stage, generate_counterfactuals, is_flipped
 from disc_pl.cf.gate import GateOptions
 from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
@@ -308,6 +309,34 @@ def test_fallback_prior_takes_over_only_the_queries_the_first_cannot_flip(float6
     assert both.images[1].max() > 0.2 + 0.1  # brightness the query does not have
     with pytest.raises(ValueError, match="one level only"):
         InversionOptions(fallback=PriorFallback("tv", dataclasses.replace(tv, fallback=PriorFallback("tv", tv))))
+
+
+def test_a_weak_flip_also_goes_to_the_fallback_and_the_more_confident_result_is_kept(float64):
+    """``PriorFallback.below``: the warp flips query 0 (a bar beside the patch) only just; the tv
+    fallback, which may paint, runs for it too and its more confident flip replaces the warp's.
+    Query 1 (the warp cannot flip it) goes to the fallback either way. With ``below`` None the
+    weak flip is kept as it was."""
+    x = torch.full((2, 3, 32, 32), 0.2)
+    x[0, :, 10:22, 12:16] = 0.9
+    x[0, :, 10:22, 16], x[0, :, 10:22, 17] = 0.6, 0.35
+    t = torch.ones(2, dtype=torch.long)
+    warp = InversionOptions(space="iso", lambda_sem=1.0, lr=0.05, recon_steps=0, target_margin=0.2,
+                            target_confidence=None, fallback=None, stages=[Stage(["flow"], 150, 3)], gate=None)
+    tv = dataclasses.replace(warp, stages=[Stage(["pixels"], 150, 3)], target_confidence=0.99)
+    runs = {below: generate_counterfactuals(_BarReader(), x, t, prior="warp", prior_hparams={"grid": 8},
+                                            options=dataclasses.replace(warp, fallback=PriorFallback("tv", tv,
+                                                                                                     below=below)),
+                                            seeds=[0, 1])
+            for below in (None, 0.9)}
+    weak, strong = runs[None], runs[0.9]
+    assert weak.status == strong.status == ["flipped", "flipped"]
+    assert float(weak.target_prob[0]) < 0.9                      # the warp's flip is weak
+    assert weak.fallback.tolist() == [False, True] and strong.fallback.tolist() == [True, True]
+    assert float(strong.target_prob[0]) > 0.98                   # the fallback's confident flip replaced it
+    assert strong.steps[0] > weak.steps[0]                       # both searches are counted
+    torch.testing.assert_close(strong.images[1], weak.images[1])  # query 1 as before
+    with pytest.raises(ConfigError, match="fallback_below"):
+        PriorFallback("tv", tv, below=1.5)
 
 
 def test_target_confidence_goes_on_past_the_flip_and_still_counts_the_flip_at_the_margin(float64):
