@@ -106,7 +106,7 @@ class PriorFallback:
         return dataclasses.replace(first, **prior_schedule(prior_config(self.prior)), fallback=None)
 
 
-DEFAULT_FALLBACK_BELOW = None  # conf/prior/warp.yaml's fallback_below
+DEFAULT_FALLBACK_BELOW = 0.95  # conf/prior/warp.yaml's fallback_below
 
 
 def _default_fallback() -> PriorFallback:
