@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from analytic import PatchReader
 
-from disc_pl.errors import ConfigError
 from disc_pl.cf.engine import InversionOptions, PriorFallback, Stage, generate_counterfactuals, is_flipped
 from disc_pl.cf.gate import GateOptions
 from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
 from disc_pl.cf.objective import Term, default_objective
 from disc_pl.cf.priors import TVPrior
+from disc_pl.errors import ConfigError
 
 SMALL_INR = dict(n_frequencies=64, sigma=3.0, first_omega0=3.0, hidden=64, depth=2)
 
@@ -285,17 +285,23 @@ def test_warp_counterfactual_moves_the_querys_own_pixels(float64):
     assert (out.images[:, :, 13:19, 16:22].amax((1, 2, 3)) > 0.75).all()  # the bar's pixels moved in
 
 
+def _bar_and_grey():
+    """Query 0: a bar beside the patch (the warp can move it in); query 1: uniform grey (nothing
+    to move); targets 1; and the warp's options for them (no gate, no fallback)."""
+    x = torch.full((2, 3, 32, 32), 0.2)
+    x[0, :, 10:22, 12:16] = 0.9
+    x[0, :, 10:22, 16], x[0, :, 10:22, 17] = 0.6, 0.35
+    warp = InversionOptions(space="iso", lambda_sem=1.0, lr=0.05, recon_steps=0, target_margin=0.2,
+                            target_confidence=None, fallback=None, stages=[Stage(["flow"], 150, 3)], gate=None)
+    return x, torch.ones(2, dtype=torch.long), warp
+
+
 def test_fallback_prior_takes_over_only_the_queries_the_first_cannot_flip(float64):
     """prior=warp with a tv fallback: query 0 (a bar beside the patch) is flipped by the warp,
     query 1 (uniform grey: nothing bright to move) cannot be. With the fallback, query 1 is
     flipped by new bright pixels (outside its own range: the tv prior drew them), fallback =
     [False, True], and query 0's image, status and steps equal a warp-only run's."""
-    x = torch.full((2, 3, 32, 32), 0.2)
-    x[0, :, 10:22, 12:16] = 0.9
-    x[0, :, 10:22, 16], x[0, :, 10:22, 17] = 0.6, 0.35
-    t = torch.ones(2, dtype=torch.long)
-    warp = InversionOptions(space="iso", lambda_sem=1.0, lr=0.05, recon_steps=0, target_margin=0.2,
-                            target_confidence=None, fallback=None, stages=[Stage(["flow"], 150, 3)], gate=None)
+    x, t, warp = _bar_and_grey()
     tv = dataclasses.replace(warp, lr=0.05, stages=[Stage(["pixels"], 150, 3)])
     alone = generate_counterfactuals(_BarReader(), x, t, prior="warp", prior_hparams={"grid": 8}, options=warp,
                                      seeds=[0, 1])
@@ -316,12 +322,7 @@ def test_a_weak_flip_also_goes_to_the_fallback_and_the_more_confident_result_is_
     fallback, which may paint, runs for it too and its more confident flip replaces the warp's.
     Query 1 (the warp cannot flip it) goes to the fallback either way. With ``below`` None the
     weak flip is kept as it was."""
-    x = torch.full((2, 3, 32, 32), 0.2)
-    x[0, :, 10:22, 12:16] = 0.9
-    x[0, :, 10:22, 16], x[0, :, 10:22, 17] = 0.6, 0.35
-    t = torch.ones(2, dtype=torch.long)
-    warp = InversionOptions(space="iso", lambda_sem=1.0, lr=0.05, recon_steps=0, target_margin=0.2,
-                            target_confidence=None, fallback=None, stages=[Stage(["flow"], 150, 3)], gate=None)
+    x, t, warp = _bar_and_grey()
     tv = dataclasses.replace(warp, stages=[Stage(["pixels"], 150, 3)], target_confidence=0.99)
     runs = {below: generate_counterfactuals(_BarReader(), x, t, prior="warp", prior_hparams={"grid": 8},
                                             options=dataclasses.replace(warp, fallback=PriorFallback("tv", tv,

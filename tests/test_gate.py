@@ -10,8 +10,8 @@ from analytic import PatchReader, SpreadReader
 
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
 from disc_pl.cf.gate import GateOptions, SpatialGate
-from disc_pl.errors import ConfigError
 from disc_pl.cf.losses import DEPManifold
+from disc_pl.errors import ConfigError
 from disc_pl.metrics import functional as M
 
 SMALL_INR = dict(n_frequencies=64, sigma=3.0, first_omega0=3.0, hidden=64, depth=2)
