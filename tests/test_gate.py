@@ -168,3 +168,83 @@ def test_only_the_explained_classifier_opens_the_gate_when_told(patch_queries, o
 def test_opened_by_is_checked():
     with pytest.raises(ConfigError, match="localize.opened_by"):
         GateOptions(opened_by="robust")
+
+
+def test_main_region_is_the_connected_group_of_cells_holding_the_most_change():
+    from disc_pl.cf.gate import cell_change, main_region
+
+    q = torch.zeros(2, 3, 8, 8)
+    x = q.clone()
+    x[0, 0, 0:2, 0:4] = 1.0   # cells (0,0), (0,1): 4 + 4 = 8
+    x[0, 1, 2:4, 4:6] = 0.5   # cell (1,2), diagonal to (0,1): 8-connected, 4 x 0.5 = 2
+    x[0, 2, 6:8, 6:8] = 1.0   # cell (3,3), apart: 4
+    change = cell_change(q, x, 4)
+    torch.testing.assert_close(change[0], torch.tensor([[4.0, 4.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 0], [0, 0, 0, 4.0]]))
+    region, outside = main_region(change)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[0, 0] = expected[0, 1] = expected[1, 2] = True
+    assert torch.equal(region[0, 0], expected)
+    torch.testing.assert_close(outside, torch.tensor([4.0 / 14.0, 0.0]))  # query 1: no change at all
+    assert not region[1].any()
+    # a cell under open_share of the largest is not part of any group
+    region, outside = main_region(change, open_share=0.6)
+    assert region[0, 0].sum() == 2 and abs(float(outside[0]) - 6.0 / 14.0) < 1e-6
+
+
+def test_gate_mask_is_zero_outside_the_allowed_cells():
+    allowed = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    allowed[0, 0, 1, 2] = True
+    allowed[1] = True
+    gate = SpatialGate(2, 4, (8, 8), init=0.0, allowed=allowed)
+    m = gate.mask()
+    assert torch.equal(m[0, 0] > 0, torch.kron(allowed[0, 0], torch.ones(2, 2, dtype=torch.bool)))
+    torch.testing.assert_close(m[1], torch.full((1, 8, 8), 0.5))
+    torch.testing.assert_close(gate.mask(torch.tensor([1])), m[1:])
+    with pytest.raises(ValueError, match="do not match the gate"):
+        SpatialGate(2, 4, (8, 8), allowed=allowed[:1])
+
+
+class _FarReader(PatchReader):
+    """A guiding model that reads a far corner (rows 0:8, cols 24:32) and nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w.fill_(0.0)
+        self.w[..., 0:8, 24:32] = 1.0
+        self.w /= self.w.sum()
+        self.patch = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+        self.patch[..., 0:8, 24:32] = True
+
+
+def test_a_scattered_change_is_searched_again_in_its_main_region():
+    """``InversionOptions.refine``: a guiding model pulls part of the change to a far corner the explained
+    classifier barely reads; the confined search redraws it on the explained reader's patch alone,
+    and a query whose change was one region already is returned as without ``refine``."""
+    from disc_pl.cf.losses import RobustManifoldLoss
+
+    model, guide = PatchReader(), _FarReader()
+    x, t = analytic.patch_queries(3)
+    manifold = RobustManifoldLoss([guide], None, weight=1.0)
+    base = dataclasses.replace(_opts(8), gate=GateOptions(grid=8, lambda_area=50.0))
+    first = generate_counterfactuals(model, x, t, prior="tv", manifold=manifold, options=base)
+    assert first.status == ["flipped"] * 3 and first.refined is None
+    assert _in_patch(guide, x, first.images).min() > 0.2        # scattered: two places
+    refined = dataclasses.replace(base, refine=0.2)
+    out = generate_counterfactuals(model, x, t, prior="tv", manifold=manifold, options=refined)
+    assert out.status == ["flipped"] * 3 and out.refined.all()
+    assert _in_patch(model, x, out.images).min() > 0.9 and _in_patch(guide, x, out.images).max() < 0.01
+    assert (out.steps > first.steps).all()                        # both searches are counted
+    # without the guide the change is one region: nothing is searched again, the results are equal
+    alone = generate_counterfactuals(model, x, t, prior="tv", options=base)
+    alone_refined = generate_counterfactuals(model, x, t, prior="tv", options=refined)
+    assert not alone_refined.refined.any()
+    assert torch.equal(alone.images, alone_refined.images) and torch.equal(alone.steps, alone_refined.steps)
+
+
+def test_refine_is_checked_and_set_per_prior():
+    for bad in (0.0, 1.0, "yes"):
+        with pytest.raises(ConfigError, match="inversion.refine"):
+            InversionOptions(refine=bad)
+    # the INR's confined search is on, the warp's off; the default fallback (the INR) inherits it
+    assert InversionOptions.for_prior("inr").refine == 0.2 and InversionOptions().refine is None
+    assert InversionOptions().fallback.options_for(InversionOptions()).refine == 0.2

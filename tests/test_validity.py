@@ -476,6 +476,19 @@ def test_palette_term_equals_the_hand_computed_nearest_colour_distance():
         PaletteTerm(-1.0)
 
 
+def test_change_l1_term_equals_the_hand_computed_mean_absolute_change():
+    from disc_pl.cf.engine import InversionOptions
+    from disc_pl.cf.objective import ChangeL1Term, Step, default_objective
+
+    q = torch.zeros(2, 1, 2, 3)
+    x = q.clone()
+    x[0, 0, 0, 0], x[0, 0, 1, 2] = 0.3, -0.6
+    step = Step(x=x, logits=torch.zeros(2, 2), feats=[], query=q, source=torch.zeros(2, dtype=torch.long),
+                target=torch.ones(2, dtype=torch.long), idx=torch.arange(2), prior=None, mask=None)
+    torch.testing.assert_close(ChangeL1Term()(step, None), torch.tensor([0.9 / 6, 0.0]))
+    assert "change_l1" in [t.name for t in default_objective(InversionOptions(terms=[ChangeL1Term(1.0)]))]
+
+
 def test_change_tv_term_equals_the_hand_computed_total_variation_of_the_change():
     from disc_pl.cf.engine import InversionOptions
     from disc_pl.cf.objective import ChangeTVTerm, Step, default_objective

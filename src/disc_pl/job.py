@@ -227,6 +227,10 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     by_fallback = [r for r in rows if r["flipped"] and isinstance(r.get("fallback"), bool)]  # "" without one
     if by_fallback:
         out["cf/fallback_rate"] = sum(r["fallback"] for r in by_fallback) / len(by_fallback)
+    # share of the flipped counterfactuals from a search confined to their main region (prior.refine)
+    by_refined = [r for r in rows if r["flipped"] and isinstance(r.get("refined"), bool)]
+    if by_refined:
+        out["cf/refined_rate"] = sum(r["refined"] for r in by_refined) / len(by_refined)
     flipped_rows = [r for r in rows if r["status"] == "flipped"]
     for key in (*FLIPPED_FIGURES, *ALL_FIGURES):
         among = flipped_rows if key in FLIPPED_FIGURES else rows

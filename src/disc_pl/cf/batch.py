@@ -28,6 +28,8 @@ class CounterfactualBatch:
     losses: dict[str, Tensor] = field(default_factory=dict)  # term -> [B] at the kept iterate
     localized: Tensor | None = None  # [B] bool: the kept image came from the gated search; None: no gate
     fallback: Tensor | None = None   # [B] bool: the kept image came from the fallback prior; None: none set
+    refined: Tensor | None = None    # [B] bool: the kept image came from a search confined to its main region
+                                     # (prior.refine); None: none ran
     precision: str = "32"          # the precision it ran in (inversion.precision, resolved)
 
     def rows(self, rows: Sequence[int]) -> CounterfactualBatch:
@@ -42,7 +44,8 @@ class CounterfactualBatch:
             target=self.target[on], initial_prob=self.initial_prob[on], target_prob=self.target_prob[on],
             prediction=self.prediction[on], steps=self.steps[on], recon_psnr=self.recon_psnr[on],
             seconds=self.seconds[on], losses={t: v[on] for t, v in self.losses.items()},
-            localized=take(self.localized), fallback=take(self.fallback), precision=self.precision)
+            localized=take(self.localized), fallback=take(self.fallback), refined=take(self.refined),
+            precision=self.precision)
 
 
 def _probs(logits: Tensor) -> Tensor:

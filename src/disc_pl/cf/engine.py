@@ -158,6 +158,11 @@ class InversionOptions:
     fallback: PriorFallback | None = field(default_factory=_default_fallback)
     # Optional objective terms after the paper's (disc_pl.cf.objective.Term; the `term` group).
     terms: Sequence[Term] = ()
+    # The prior's confined search (conf/prior/<name>.yaml's refine; with the gate only): a flipped
+    # query whose change lies at least this share outside its main region (the 8-connected gate
+    # cells holding the most change, disc_pl.cf.gate.main_region) is searched again with the gate
+    # confined to that region, and that result is kept where it flips. None: off (the warp's).
+    refine: float | None = None
 
     def __post_init__(self) -> None:
         self._check()
@@ -204,6 +209,9 @@ class InversionOptions:
              or confidence >= self.target_margin,
              f"must be >= inversion.target_margin={self.target_margin} (the margin that counts as flipped), or null"),
             ("log_every", self.log_every, is_integer(self.log_every, 0), "must be an integer >= 0"),
+            ("refine", self.refine, self.refine is None or (is_number(self.refine, 0, low_open=True) and self.refine < 1),
+             "must be null (off) or a share in (0, 1): how much of a flipped query's change outside its main "
+             "region sends it to a search confined to that region"),
             ("terms", self.terms, all(isinstance(t, Term) for t in self.terms),
              "must be objective terms (disc_pl.cf.objective.Term)")])
         if not self.stages:
@@ -259,12 +267,12 @@ def stage_sizes(prior: Mapping) -> list[int | None]:
 
 def prior_schedule(prior: Mapping, steps_per_stage: int | None = None, min_steps: int | None = None) -> dict:
     """The ``InversionOptions`` a prior's config owns: its stage lr and layer-group stages
-    (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``) and its reconstruction (``recon.max_steps``,
+    (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``), its confined search (``refine``) and its reconstruction (``recon.max_steps``,
     ``recon.psnr_target``, ``recon.lr``, ``recon.sizes``), each stage ``steps_per_stage`` long
     with ``min_steps`` before an early stop (None: the options')."""
     recon = prior["recon"]
     sizes = stage_sizes(prior)
-    return dict(lr=float(prior["lr"]),
+    return dict(lr=float(prior["lr"]), refine=prior.get("refine"),
                 stages=[Stage(list(g), steps_per_stage, min_steps, size=size)
                         for g, size in zip(prior["stages"], sizes, strict=True)],  # lengths: validate
                 recon_steps=int(recon["max_steps"]), psnr_target=float(recon["psnr_target"]),
@@ -326,10 +334,15 @@ def generate_counterfactuals(
     if fb is not None and opts.gate is not None and opts.gate.fallback:  # the fallback prior's run retries ungated
         opts = dataclasses.replace(opts, gate=dataclasses.replace(opts.gate, fallback=False), fallback=None)
     ungated = fb is None and opts.gate is not None and opts.gate.fallback
-    first = Search(classifier, images, targets, seeds, opts, setting, snapshot=ungated)
-    plans = ([_prior_fallback(classifier, images, targets, seeds, fb, fb_options, setting, objective)] if fb is not None
-             else [first.ungated_retry()] if ungated else [])
-    return retry(first.run(), plans)
+    confined = opts.gate is not None and opts.refine is not None
+    first = Search(classifier, images, targets, seeds, opts, setting, snapshot=ungated or confined)
+    plans = [first.confined_retry()] if confined else []  # before the fallback: this prior's flips only
+    plans += ([_prior_fallback(classifier, images, targets, seeds, fb, fb_options, setting, objective)] if fb is not None
+              else [first.ungated_retry()] if ungated else [])
+    out = retry(first.run(), plans)
+    if out.refined is None and fb_options is not None and fb_options.gate is not None and fb_options.refine is not None:
+        out.refined = torch.zeros(B, dtype=torch.bool)  # the fallback's confined search may run: one column per run
+    return out
 
 
 def _prior_fallback(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],

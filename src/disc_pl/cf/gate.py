@@ -68,10 +68,12 @@ def no_gate(name: str = "none") -> None:
 
 
 class SpatialGate:
-    """Per-query gate logits ``[B, 1, g, g]`` and the mask they give at image size."""
+    """Per-query gate logits ``[B, 1, g, g]`` and the mask they give at image size. ``allowed``
+    (bool ``[B, 1, g, g]``, optional): the cells each query's gate may open; the mask is 0 outside
+    them (a hard cell border)."""
 
     def __init__(self, batch: int, grid: int, size: tuple[int, int], init: float = -3.0,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", allowed: Tensor | None = None) -> None:
         if grid < 1:
             raise ValueError(f"localize.grid={grid} must be >= 1 (or use localize=none)")
         if grid > min(size):
@@ -79,11 +81,18 @@ class SpatialGate:
                              f"use a grid <= {min(size)}")
         self.size = tuple(size)
         self.logits = torch.full((batch, 1, grid, grid), float(init), device=device, requires_grad=True)
+        if allowed is not None and tuple(allowed.shape) != (batch, 1, grid, grid):
+            raise ValueError(f"allowed cells {tuple(allowed.shape)} do not match the gate {(batch, 1, grid, grid)}")
+        self.allowed = None if allowed is None else F.interpolate(
+            allowed.to(device=device, dtype=torch.float32), size=self.size, mode="nearest")
 
     def mask(self, rows: Tensor | None = None) -> Tensor:
-        """``[b, 1, H, W]`` in (0, 1) for queries ``rows`` (``None``: all)."""
+        """``[b, 1, H, W]`` in [0, 1) for queries ``rows`` (``None``: all)."""
         a = self.logits if rows is None else self.logits[rows]
-        return torch.sigmoid(F.interpolate(a, size=self.size, mode="bilinear", align_corners=False))
+        m = torch.sigmoid(F.interpolate(a, size=self.size, mode="bilinear", align_corners=False))
+        if self.allowed is not None:
+            m = m * (self.allowed if rows is None else self.allowed[rows]).to(m.dtype)
+        return m
 
     def apply(self, query: Tensor, candidate: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(x', m): the candidate's change from the query, gated; and the mask used."""
@@ -94,3 +103,50 @@ class SpatialGate:
 def blend(query: Tensor, candidate: Tensor, m: Tensor) -> Tensor:
     """x' = x + m * (G - x), in [0, 1]."""
     return (query + m * (candidate - query)).clamp(0, 1)
+
+
+def cell_change(query: Tensor, x: Tensor, grid: int) -> Tensor:
+    """``[B, g, g]``: sum |x' - x| over the channels and pixels of each gate cell (the cells of
+    an image whose side ``grid`` does not divide are the adaptive-pooling ones)."""
+    d = (x.float() - query.float()).abs().sum(1, keepdim=True)
+    h, w = d.shape[-2:]
+    return F.adaptive_avg_pool2d(d, grid)[:, 0] * (h * w / grid ** 2)
+
+
+def main_region(change: Tensor, open_share: float = 0.25) -> tuple[Tensor, Tensor]:
+    """The main region of each query's change, from its per-cell change ``[B, g, g]``
+    (``cell_change``): of the cells holding at least ``open_share`` of the largest cell's change,
+    the 8-connected group holding the most change. Returns (bool ``[B, 1, g, g]`` its cells,
+    ``[B]`` the share of the change outside it; 0 for a query with no change)."""
+    B, g, _ = change.shape
+    region = torch.zeros(B, 1, g, g, dtype=torch.bool)
+    outside = torch.zeros(B)
+    c = change.detach().float().cpu()
+    for b in range(B):
+        total = float(c[b].sum())
+        if total <= 0:
+            continue
+        strong = (c[b] >= open_share * float(c[b].max())).tolist()
+        seen = [[False] * g for _ in range(g)]
+        best, best_mass = [], -1.0
+        for i0 in range(g):
+            for j0 in range(g):
+                if not strong[i0][j0] or seen[i0][j0]:
+                    continue
+                seen[i0][j0], stack, cells = True, [(i0, j0)], []
+                while stack:
+                    i, j = stack.pop()
+                    cells.append((i, j))
+                    for di in (-1, 0, 1):
+                        for dj in (-1, 0, 1):
+                            u, v = i + di, j + dj
+                            if 0 <= u < g and 0 <= v < g and strong[u][v] and not seen[u][v]:
+                                seen[u][v] = True
+                                stack.append((u, v))
+                mass = sum(float(c[b, i, j]) for i, j in cells)
+                if mass > best_mass:
+                    best, best_mass = cells, mass
+        for i, j in best:
+            region[b, 0, i, j] = True
+        outside[b] = 1.0 - best_mass / total
+    return region, outside

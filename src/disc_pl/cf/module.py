@@ -103,7 +103,9 @@ def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None)
                # empty without the gate (localize=none): the question does not apply
                "localized": bool(out.localized[i]) if out.localized is not None else "",
                # empty without prior.fallback: True where the fallback prior made the image
-               "fallback": bool(out.fallback[i]) if out.fallback is not None else ""}
+               "fallback": bool(out.fallback[i]) if out.fallback is not None else "",
+               # empty where no confined search ran (prior.refine): True where its image was kept
+               "refined": bool(out.refined[i]) if out.refined is not None else ""}
         row.update({k: float(v[i]) for k, v in figures.items()})
         row.update({"steps": int(out.steps[i]), "seconds": float(out.seconds[i]),
                     "recon_psnr": float(out.recon_psnr[i]), "precision": out.precision})

@@ -259,6 +259,21 @@ class ChangeTVTerm(Term):
         return dx + dy
 
 
+class ChangeL1Term(Term):
+    """Sparsity of the change (not in the paper): mean |x' - x| per query, the L1 cost of
+    sparse counterfactuals (elastic-net style, as CEM / Wachter et al.'s L1). Under the same
+    pixel budget a change that moves a few pixels far costs less than a faint wash over many:
+    the change collects on the pixels the classifier responds to most."""
+
+    name = "change_l1"
+
+    def __init__(self, weight: float = 10.0) -> None:  # conf/term/change_l1.yaml
+        super().__init__(weight)
+
+    def __call__(self, step, state):
+        return (step.x.float() - step.query.float()).abs().flatten(1).mean(1)
+
+
 class PriorTerm(Term):
     """The prior's own regulariser (TV + L2 for tv; zeros for the network priors)."""
 

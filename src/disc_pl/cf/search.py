@@ -27,7 +27,7 @@ from torch.profiler import record_function
 
 from disc_pl.cf import precision as amp
 from disc_pl.cf.batch import DIVERGED, FLIPPED, NOT_FLIPPED, CounterfactualBatch, _probs, is_flipped
-from disc_pl.cf.gate import GateOptions, SpatialGate, blend
+from disc_pl.cf.gate import GateOptions, SpatialGate, blend, cell_change, main_region
 from disc_pl.cf.losses import per_sample_mse
 from disc_pl.cf.objective import Step, Term
 from disc_pl.cf.optim import RowAdam
@@ -139,8 +139,9 @@ class _Gate:
     """The localization gate in a search (``disc_pl.cf.gate``): per-query logits with their own
     RowAdam; x' = x + m * (G - x)."""
 
-    def __init__(self, options: GateOptions, batch: int, size: tuple[int, int], device: torch.device) -> None:
-        self.gate = SpatialGate(batch, options.grid, size, options.init, device)
+    def __init__(self, options: GateOptions, batch: int, size: tuple[int, int], device: torch.device,
+                 allowed: Tensor | None = None) -> None:
+        self.gate = SpatialGate(batch, options.grid, size, options.init, device, allowed)
         self.held_for_guides = options.opened_by == "explained"
         self.optim = RowAdam([self.gate.logits], lr=options.lr)
         self.params = tuple(self.optim.params)
@@ -232,11 +233,12 @@ class Search:
     (a ``Fitted`` of this batch) instead of reconstructing; ``snapshot``: keep the fitted
     generators as ``self.fitted`` (for ``ungated_retry``); ``active``: ``[B]`` bool, the rows
     searched (None: all; the others are not touched and cost nothing, their status is
-    ``not_flipped`` with 0 steps)."""
+    ``not_flipped`` with 0 steps); ``allowed``: bool ``[B, 1, g, g]``, the gate cells each query
+    may open (None: all; ``disc_pl.cf.gate.SpatialGate``)."""
 
     def __init__(self, classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int], opts: Any,
                  setting: Setting, *, fitted: Fitted | None = None, snapshot: bool = False,
-                 active: Tensor | None = None) -> None:
+                 active: Tensor | None = None, allowed: Tensor | None = None) -> None:
         t_start = time.perf_counter()
         self.classifier, self.images, self.targets, self.seeds = classifier, images.detach(), targets, list(seeds)
         self.opts, self.setting, self.objective = opts, setting, setting.objective
@@ -249,7 +251,7 @@ class Search:
         with self.precision.autocast():
             self.render = _Renderer(self.gen, self.images, opts.residual, [s.size for s in opts.stages])
         self.gate = _NoGate() if opts.gate is None else _Gate(opts.gate, self.B, tuple(self.images.shape[-2:]),
-                                                                self.device)
+                                                                self.device, allowed)
         with torch.no_grad():
             logits0, feats0 = classifier.forward_features(self.images)
             self.states = {t.name: t.prepare(self.images, feats0) for t in self.objective}
@@ -429,21 +431,48 @@ class Search:
         generators this search fitted (``snapshot=True``), with the paper's objective (gate=None)."""
         return Retry("ungated", functools.partial(self.search_again, dataclasses.replace(self.opts, gate=None)))
 
-    def search_again(self, opts: Any, rows: Sequence[int]) -> CounterfactualBatch:
+    def confined_retry(self) -> Retry:
+        """The prior's confined search (``options.refine``) as a ``Retry``: the flipped queries whose
+        change lies at least ``refine`` outside its main region (``disc_pl.cf.gate.main_region``)
+        are searched again by the same prior, from the generators this search fitted
+        (``snapshot=True``), with the gate confined to that region; the result replaces the first
+        where it flips (``refined``)."""
+        grid, share = self.opts.gate.grid, self.opts.refine
+        regions: dict[int, Tensor] = {}
+
+        def select(out: CounterfactualBatch) -> list[int]:
+            region, outside = main_region(cell_change(self.images.cpu(), out.images, grid))
+            rows = [i for i, s in enumerate(out.status) if s == FLIPPED and float(outside[i]) >= share]
+            regions.update({i: region[i] for i in rows})
+            return rows
+
+        def search(rows: list[int]) -> CounterfactualBatch:
+            allowed = torch.stack([regions[i] for i in rows])
+            return self.search_again(self.opts, rows, allowed)
+
+        return Retry("confined", search, flag="refined", select=select, keep="flipped")
+
+    def search_again(self, opts: Any, rows: Sequence[int], allowed: Tensor | None = None) -> CounterfactualBatch:
         """A new search with ``opts`` over the queries ``rows`` (in order), from the generators
         this search fitted (its snapshot ``self.fitted``). A prior given by name or factory is built
         again for those queries alone and loads their state rows. A ``Prior`` instance holds every
         query of the batch: it is restored to the snapshot and searched with only ``rows`` active
-        (its rows are independent; the others are not touched)."""
+        (its rows are independent; the others are not touched). ``allowed``: bool ``[len(rows), 1, g, g]``,
+        the gate cells each may open (None: all)."""
         if isinstance(self.setting.prior, Prior):
             active = torch.zeros(self.B, dtype=torch.bool)
             active[list(rows)] = True
+            if allowed is not None:
+                every = torch.ones(self.B, *allowed.shape[1:], dtype=torch.bool)
+                every[list(rows)] = allowed
+                allowed = every
             again = Search(self.classifier, self.images, self.targets, self.seeds, opts, self.setting,
-                           fitted=self.fitted, active=active)
+                           fitted=self.fitted, active=active, allowed=allowed)
             return again.run().rows(rows)
         on = torch.tensor(list(rows), dtype=torch.long)
         return Search(self.classifier, self.images[on.to(self.device)], self.targets[on.to(self.targets.device)],
-                      [self.seeds[i] for i in rows], opts, self.setting, fitted=self.fitted.rows(on)).run()
+                      [self.seeds[i] for i in rows], opts, self.setting, fitted=self.fitted.rows(on),
+                      allowed=allowed).run()
 
 
 @dataclass
@@ -457,6 +486,9 @@ class Retry:
     flag: str | None = None
     # the rows of a result it searches again (None: those ``not_flipped``)
     select: Callable[[CounterfactualBatch], list[int]] | None = None
+    # which result is kept (``_take_better``): "better" (a flip over none, a closer attempt, a
+    # more confident flip) or "flipped" (the retry's wherever it flipped)
+    keep: str = "better"
 
 
 def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBatch:
@@ -471,24 +503,31 @@ def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBat
         if not redo:
             continue
         again = plan.search(redo)
-        take, src = _take_better(out, redo, again)
+        take, src = _take_better(out, redo, again, plan.keep)
         if plan.flag is not None:
             getattr(out, plan.flag)[take] = True
         if out.localized is not None:
             out.localized[take] = again.localized[src] if again.localized is not None else False
+        if plan.flag != "refined" and (out.refined is not None or again.refined is not None):  # follows the image
+            if out.refined is None:
+                out.refined = torch.zeros(len(out.status), dtype=torch.bool)
+            out.refined[take] = again.refined[src] if again.refined is not None else False
     return out
 
 
 def _take_better(out: CounterfactualBatch, redo: Sequence[int],
-                 again: CounterfactualBatch) -> tuple[Tensor, Tensor]:
+                 again: CounterfactualBatch, keep: str = "better") -> tuple[Tensor, Tensor]:
     """Merge a second search over the rows ``redo`` of ``out`` into ``out``: its result replaces
     a first attempt that did not flip where it flipped, or where neither flipped and it came
     closer (higher target probability); a first attempt that flipped, where it flipped too with
-    a higher target probability. Steps and seconds of both are counted. Returns the rows
-    replaced (of ``out``) and where they are in ``again``."""
+    a higher target probability. ``keep="flipped"``: its result replaces the first wherever it
+    flipped. Steps and seconds of both are counted. Returns the rows replaced (of ``out``) and
+    where they are in ``again``."""
     rows = torch.tensor(list(redo), dtype=torch.long)
 
     def better_than_first(s: str, p: Tensor, i: int) -> bool:
+        if keep == "flipped":
+            return s == FLIPPED
         closer = float(p) > float(out.target_prob[i])
         if out.status[i] == FLIPPED:
             return s == FLIPPED and closer
