@@ -234,6 +234,12 @@ def test_a_scattered_change_is_searched_again_in_its_main_region():
     assert out.status == ["flipped"] * 3 and out.refined.all()
     assert _in_patch(model, x, out.images).min() > 0.9 and _in_patch(guide, x, out.images).max() < 0.01
     assert (out.steps > first.steps).all()                        # both searches are counted
+    # a Prior instance (restored to its fitted state, only the rows confined active) gives the same
+    from disc_pl.cf.priors import TVPrior
+
+    inst = generate_counterfactuals(model, x, t, prior=TVPrior(x, [0, 1, 2]), manifold=manifold, options=refined)
+    assert inst.status == out.status and torch.equal(inst.refined, out.refined)
+    torch.testing.assert_close(inst.images, out.images)
     # without the guide the change is one region: nothing is searched again, the results are equal
     alone = generate_counterfactuals(model, x, t, prior="tv", options=base)
     alone_refined = generate_counterfactuals(model, x, t, prior="tv", options=refined)
