@@ -267,9 +267,10 @@ def stage_sizes(prior: Mapping) -> list[int | None]:
 
 def prior_schedule(prior: Mapping, steps_per_stage: int | None = None, min_steps: int | None = None) -> dict:
     """The ``InversionOptions`` a prior's config owns: its stage lr and layer-group stages
-    (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``), its confined search (``refine``) and its reconstruction (``recon.max_steps``,
-    ``recon.psnr_target``, ``recon.lr``, ``recon.sizes``), each stage ``steps_per_stage`` long
-    with ``min_steps`` before an early stop (None: the options')."""
+    (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``), its confined search
+    (``refine``) and its reconstruction (``recon.max_steps``, ``recon.psnr_target``,
+    ``recon.lr``, ``recon.sizes``), each stage ``steps_per_stage`` long with ``min_steps``
+    before an early stop (None: the options')."""
     recon = prior["recon"]
     sizes = stage_sizes(prior)
     return dict(lr=float(prior["lr"]), refine=prior.get("refine"),
