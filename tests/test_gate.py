@@ -9,6 +9,7 @@ import torch
 from analytic import PatchReader, SpreadReader
 
 from disc_pl.cf.engine import InversionOptions, Stage, generate_counterfactuals
+from disc_pl.cf.objective import default_objective
 from disc_pl.cf.gate import GateOptions, SpatialGate
 from disc_pl.cf.losses import DEPManifold
 from disc_pl.errors import ConfigError
@@ -254,3 +255,47 @@ def test_refine_is_checked_and_set_per_prior():
     # the INR's confined search is on, the warp's off; the default fallback (the INR) inherits it
     assert InversionOptions.for_prior("inr").refine == 0.2 and InversionOptions().refine is None
     assert InversionOptions().fallback.options_for(InversionOptions()).refine == 0.2
+
+
+def test_a_query_left_unflipped_is_searched_again_away_from_where_it_failed():
+    """``InversionOptions.retry_elsewhere``: a query the search leaves unflipped is searched again
+    with the gate closed over its attempt's main region (grown by one cell); the image kept there
+    has no change on those cells, and a run without it differs only by that second search."""
+    from disc_pl.cf.gate import cell_change, main_region
+
+    model = PatchReader()
+    x, t = analytic.patch_queries(2)
+    short = dataclasses.replace(_opts(8), stages=[Stage(["pixels"], 8, 2)], gate=GateOptions(grid=8, lambda_area=50.0))
+    first = generate_counterfactuals(model, x, t, prior="tv", options=short)
+    assert first.status == ["not_flipped"] * 2 and first.refined is None
+    region, _ = main_region(cell_change(x, first.images, 8))
+    assert region.any(dim=(1, 2, 3)).all()
+    closed = torch.nn.functional.max_pool2d(region.float(), 3, 1, 1).bool()
+    out = generate_counterfactuals(model, x, t, prior="tv", options=dataclasses.replace(short, retry_elsewhere=True))
+    assert (out.steps == 2 * first.steps).all()                     # every query was searched twice
+    assert (out.target_prob >= first.target_prob).all()            # kept where it came closer
+    for i in range(2):
+        if out.refined[i]:
+            on_closed = cell_change(x[i:i + 1], out.images[i:i + 1], 8)[0][closed[i, 0]]
+            assert float(on_closed.abs().max()) == 0.0
+        else:
+            assert torch.equal(out.images[i], first.images[i])
+    # the plan itself: an attempt whose change sits in the far corner is searched again with that
+    # corner (grown by one cell) closed, and the new change lands on the patch the model reads
+    from disc_pl.cf.search import Search, Setting
+
+    opts = dataclasses.replace(_opts(8), gate=GateOptions(grid=8, lambda_area=50.0), retry_elsewhere=True)
+    search = Search(model, x, t, [0, 1], opts, Setting("tv", None, None, default_objective(opts)), snapshot=True)
+    attempt = search.run()
+    attempt.status = ["not_flipped", "flipped"]
+    attempt.images = x.clone()
+    attempt.images[0, :, 0:8, 24:32] += 0.3                         # the failed attempt: the far corner
+    plan = search.elsewhere_retry()
+    assert plan.select(attempt) == [0]                              # flipped rows are left alone
+    again = plan.search([0])
+    change = (again.images[0] - x[0]).abs().sum(0)
+    assert float(change[0:12, 20:32].max()) == 0.0                  # the corner's cells and one more
+    assert again.status == ["flipped"] and _in_patch(model, x[:1], again.images).item() > 0.85
+    with pytest.raises(ConfigError, match="inversion.retry_elsewhere"):
+        InversionOptions(retry_elsewhere="yes")
+    assert InversionOptions.for_prior("inr").retry_elsewhere and not InversionOptions().retry_elsewhere

@@ -163,6 +163,10 @@ class InversionOptions:
     # cells holding the most change, disc_pl.cf.gate.main_region) is searched again with the gate
     # confined to that region, and that result is kept where it flips. None: off (the warp's).
     refine: float | None = None
+    # The prior's search elsewhere (conf/prior/<name>.yaml's retry_elsewhere; with the gate only):
+    # a query it leaves not flipped is searched again with the gate closed over the main region of
+    # its failed attempt (grown by one cell); that result is kept where it flips or comes closer.
+    retry_elsewhere: bool = False
 
     def __post_init__(self) -> None:
         self._check()
@@ -212,6 +216,7 @@ class InversionOptions:
             ("refine", self.refine, self.refine is None or (is_number(self.refine, 0, low_open=True) and self.refine < 1),
              "must be null (off) or a share in (0, 1): how much of a flipped query's change outside its main "
              "region sends it to a search confined to that region"),
+            ("retry_elsewhere", self.retry_elsewhere, isinstance(self.retry_elsewhere, bool), "must be true or false"),
             ("terms", self.terms, all(isinstance(t, Term) for t in self.terms),
              "must be objective terms (disc_pl.cf.objective.Term)")])
         if not self.stages:
@@ -273,7 +278,7 @@ def prior_schedule(prior: Mapping, steps_per_stage: int | None = None, min_steps
     before an early stop (None: the options')."""
     recon = prior["recon"]
     sizes = stage_sizes(prior)
-    return dict(lr=float(prior["lr"]), refine=prior.get("refine"),
+    return dict(lr=float(prior["lr"]), refine=prior.get("refine"), retry_elsewhere=bool(prior.get("retry_elsewhere", False)),
                 stages=[Stage(list(g), steps_per_stage, min_steps, size=size)
                         for g, size in zip(prior["stages"], sizes, strict=True)],  # lengths: validate
                 recon_steps=int(recon["max_steps"]), psnr_target=float(recon["psnr_target"]),
@@ -336,12 +341,16 @@ def generate_counterfactuals(
         opts = dataclasses.replace(opts, gate=dataclasses.replace(opts.gate, fallback=False), fallback=None)
     ungated = fb is None and opts.gate is not None and opts.gate.fallback
     confined = opts.gate is not None and opts.refine is not None
-    first = Search(classifier, images, targets, seeds, opts, setting, snapshot=ungated or confined)
+    first = Search(classifier, images, targets, seeds, opts, setting,
+                   snapshot=ungated or confined or (opts.gate is not None and opts.retry_elsewhere))
     plans = [first.confined_retry()] if confined else []  # before the fallback: this prior's flips only
+    if opts.gate is not None and opts.retry_elsewhere:
+        plans.append(first.elsewhere_retry())
     plans += ([_prior_fallback(classifier, images, targets, seeds, fb, fb_options, setting, objective)] if fb is not None
               else [first.ungated_retry()] if ungated else [])
     out = retry(first.run(), plans)
-    if out.refined is None and fb_options is not None and fb_options.gate is not None and fb_options.refine is not None:
+    if out.refined is None and fb_options is not None and fb_options.gate is not None and (
+            fb_options.refine is not None or fb_options.retry_elsewhere):
         out.refined = torch.zeros(B, dtype=torch.bool)  # the fallback's confined search may run: one column per run
     return out
 

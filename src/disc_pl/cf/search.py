@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
@@ -451,6 +452,27 @@ class Search:
             return self.search_again(self.opts, rows, allowed)
 
         return Retry("confined", search, flag="refined", select=select, keep="flipped")
+
+    def elsewhere_retry(self) -> Retry:
+        """The prior's search elsewhere (``options.retry_elsewhere``) as a ``Retry``: the queries
+        left ``not_flipped`` are searched again by the same prior, from the generators this search
+        fitted, with the gate closed over the main region of the failed attempt's change grown by
+        one cell (the place the first-order search committed to); the result replaces the first
+        where it flips or comes closer (``refined``)."""
+        grid = self.opts.gate.grid
+        regions: dict[int, Tensor] = {}
+
+        def select(out: CounterfactualBatch) -> list[int]:
+            region, _ = main_region(cell_change(self.images.cpu(), out.images, grid))
+            grown = F.max_pool2d(region.float(), 3, 1, 1).bool()
+            rows = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED and bool(region[i].any())]
+            regions.update({i: ~grown[i] for i in rows})
+            return rows
+
+        def search(rows: list[int]) -> CounterfactualBatch:
+            return self.search_again(self.opts, rows, torch.stack([regions[i] for i in rows]))
+
+        return Retry("elsewhere", search, flag="refined", select=select)
 
     def search_again(self, opts: Any, rows: Sequence[int], allowed: Tensor | None = None) -> CounterfactualBatch:
         """A new search with ``opts`` over the queries ``rows`` (in order), from the generators
