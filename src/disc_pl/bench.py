@@ -180,11 +180,12 @@ class Bench:
         stages = [Stage(groups=list(s.groups), steps=self.stage_steps, min_steps=self.stage_steps + 1)
                   for s in options.stages]  # min_steps > steps: a flipped query never leaves
         recon = self.recon_steps if options.recon_steps > 0 else 0  # tv: nothing to reconstruct
-        # gate and prior fallback off: a fixed amount of work per query (no second search for
-        # unflipped ones; the bench measures each prior by itself)
+        # gate retry, prior fallback, confined search and search elsewhere off: a fixed amount of
+        # work per query (no second search; the bench measures each prior by itself)
         gate = replace(options.gate, fallback=False) if options.gate is not None else None
         return replace(options, stages=stages, recon_steps=recon, psnr_target=1e9, log_every=0,
-                       gate=gate, precision=self.precision, fallback=None), factory
+                       gate=gate, precision=self.precision, fallback=None, refine=None,
+                       retry_elsewhere=False), factory
 
     def generate(self, prior: str, rows: slice, options: InversionOptions | None = None, hparams=None):
         """``hparams``: the prior's generator factory (``Bench.options``)."""
