@@ -132,17 +132,22 @@ def test_fallback_reuses_the_reconstruction(patch_queries, monkeypatch):
     assert torch.equal(rescued.recon_psnr, ungated.recon_psnr)
 
 
-class _MirrorReader(PatchReader):
-    """A guiding model that reads the patch's mirror image (cols 16:24) and nothing else: like
-    robust models trained with mirrored images on a classifier that never saw a mirror."""
+class _RegionReader(PatchReader):
+    """A guiding model that reads one region (``rows``, ``cols`` slices) and nothing else."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: slice, cols: slice) -> None:
         super().__init__()
         self.w.fill_(0.0)
-        self.w[..., 20:28, 16:24] = 1.0
+        self.w[..., rows, cols] = 1.0
         self.w /= self.w.sum()
         self.patch = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
-        self.patch[..., 20:28, 16:24] = True
+        self.patch[..., rows, cols] = True
+
+
+def _MirrorReader() -> _RegionReader:
+    """Reads the patch's mirror image (cols 16:24): like robust models trained with mirrored
+    images on a classifier that never saw a mirror."""
+    return _RegionReader(slice(20, 28), slice(16, 24))
 
 
 @pytest.mark.parametrize("opened_by", ["all", "explained"])
@@ -205,16 +210,9 @@ def test_gate_mask_is_zero_outside_the_allowed_cells():
         SpatialGate(2, 4, (8, 8), allowed=allowed[:1])
 
 
-class _FarReader(PatchReader):
-    """A guiding model that reads a far corner (rows 0:8, cols 24:32) and nothing else."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w.fill_(0.0)
-        self.w[..., 0:8, 24:32] = 1.0
-        self.w /= self.w.sum()
-        self.patch = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
-        self.patch[..., 0:8, 24:32] = True
+def _FarReader() -> _RegionReader:
+    """Reads a far corner (rows 0:8, cols 24:32)."""
+    return _RegionReader(slice(0, 8), slice(24, 32))
 
 
 def test_a_scattered_change_is_searched_again_in_its_main_region():

@@ -28,8 +28,8 @@ class CounterfactualBatch:
     losses: dict[str, Tensor] = field(default_factory=dict)  # term -> [B] at the kept iterate
     localized: Tensor | None = None  # [B] bool: the kept image came from the gated search; None: no gate
     fallback: Tensor | None = None   # [B] bool: the kept image came from the fallback prior; None: none set
-    refined: Tensor | None = None    # [B] bool: the kept image came from a search confined to its main region
-                                     # (prior.refine); None: none ran
+    refined: Tensor | None = None    # [B] bool: the kept image came from a second search in a region of its own
+                                     # (prior.refine / retry_elsewhere); None: none can run
     precision: str = "32"          # the precision it ran in (inversion.precision, resolved)
 
     def rows(self, rows: Sequence[int]) -> CounterfactualBatch:

@@ -272,8 +272,8 @@ def stage_sizes(prior: Mapping) -> list[int | None]:
 
 def prior_schedule(prior: Mapping, steps_per_stage: int | None = None, min_steps: int | None = None) -> dict:
     """The ``InversionOptions`` a prior's config owns: its stage lr and layer-group stages
-    (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``), its confined search
-    (``refine``) and its reconstruction (``recon.max_steps``, ``recon.psnr_target``,
+    (``lr``, ``stages``, coarse-to-fine ``early_size`` or ``sizes``), its second searches
+    (``refine``, ``retry_elsewhere``) and its reconstruction (``recon.max_steps``, ``recon.psnr_target``,
     ``recon.lr``, ``recon.sizes``), each stage ``steps_per_stage`` long with ``min_steps``
     before an early stop (None: the options')."""
     recon = prior["recon"]
@@ -340,19 +340,22 @@ def generate_counterfactuals(
     if fb is not None and opts.gate is not None and opts.gate.fallback:  # the fallback prior's run retries ungated
         opts = dataclasses.replace(opts, gate=dataclasses.replace(opts.gate, fallback=False), fallback=None)
     ungated = fb is None and opts.gate is not None and opts.gate.fallback
-    confined = opts.gate is not None and opts.refine is not None
-    first = Search(classifier, images, targets, seeds, opts, setting,
-                   snapshot=ungated or confined or (opts.gate is not None and opts.retry_elsewhere))
-    plans = [first.confined_retry()] if confined else []  # before the fallback: this prior's flips only
-    if opts.gate is not None and opts.retry_elsewhere:
-        plans.append(first.elsewhere_retry())
+    first = Search(classifier, images, targets, seeds, opts, setting, snapshot=ungated or _searches_again(opts))
+    # before the fallback: this prior's own results (the fallback's run does the same for its own)
+    plans = ([first.confined_retry()] if _searches_again(opts) and opts.refine is not None else []) + (
+        [first.elsewhere_retry()] if _searches_again(opts) and opts.retry_elsewhere else [])
     plans += ([_prior_fallback(classifier, images, targets, seeds, fb, fb_options, setting, objective)] if fb is not None
               else [first.ungated_retry()] if ungated else [])
     out = retry(first.run(), plans)
-    if out.refined is None and fb_options is not None and fb_options.gate is not None and (
-            fb_options.refine is not None or fb_options.retry_elsewhere):
-        out.refined = torch.zeros(B, dtype=torch.bool)  # the fallback's confined search may run: one column per run
+    if out.refined is None and (_searches_again(opts) or _searches_again(fb_options)):
+        out.refined = torch.zeros(B, dtype=torch.bool)  # one `refined` column per run, whichever batch ran one
     return out
+
+
+def _searches_again(opts: InversionOptions | None) -> bool:
+    """Whether a prior's run may search a query again in a region of its own (``refine``,
+    ``retry_elsewhere``; both need the gate)."""
+    return opts is not None and opts.gate is not None and (opts.refine is not None or opts.retry_elsewhere)
 
 
 def _prior_fallback(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],

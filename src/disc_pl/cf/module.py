@@ -104,7 +104,7 @@ def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None)
                "localized": bool(out.localized[i]) if out.localized is not None else "",
                # empty without prior.fallback: True where the fallback prior made the image
                "fallback": bool(out.fallback[i]) if out.fallback is not None else "",
-               # empty where no confined search ran (prior.refine): True where its image was kept
+               # empty where no second search can run (prior.refine / retry_elsewhere): True where its image was kept
                "refined": bool(out.refined[i]) if out.refined is not None else ""}
         row.update({k: float(v[i]) for k, v in figures.items()})
         row.update({"steps": int(out.steps[i]), "seconds": float(out.seconds[i]),

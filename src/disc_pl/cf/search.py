@@ -435,44 +435,44 @@ class Search:
     def confined_retry(self) -> Retry:
         """The prior's confined search (``options.refine``) as a ``Retry``: the flipped queries whose
         change lies at least ``refine`` outside its main region (``disc_pl.cf.gate.main_region``)
-        are searched again by the same prior, from the generators this search fitted
-        (``snapshot=True``), with the gate confined to that region; the result replaces the first
+        are searched again with the gate confined to that region; the result replaces the first
         where it flips (``refined``)."""
-        grid, share = self.opts.gate.grid, self.opts.refine
-        regions: dict[int, Tensor] = {}
-
-        def select(out: CounterfactualBatch) -> list[int]:
-            region, outside = main_region(cell_change(self.images.cpu(), out.images, grid))
-            rows = [i for i, s in enumerate(out.status) if s == FLIPPED and float(outside[i]) >= share]
-            regions.update({i: region[i] for i in rows})
-            return rows
-
-        def search(rows: list[int]) -> CounterfactualBatch:
-            allowed = torch.stack([regions[i] for i in rows])
-            return self.search_again(self.opts, rows, allowed)
-
-        return Retry("confined", search, flag="refined", select=select, keep="flipped")
+        share = self.opts.refine
+        return self._region_retry("confined", "flipped", lambda status, region, outside: (
+            region if status == FLIPPED and outside >= share else None))
 
     def elsewhere_retry(self) -> Retry:
         """The prior's search elsewhere (``options.retry_elsewhere``) as a ``Retry``: the queries
-        left ``not_flipped`` are searched again by the same prior, from the generators this search
-        fitted, with the gate closed over the main region of the failed attempt's change grown by
-        one cell (the place the first-order search committed to); the result replaces the first
-        where it flips or comes closer (``refined``)."""
-        grid = self.opts.gate.grid
-        regions: dict[int, Tensor] = {}
+        left ``not_flipped`` are searched again with the gate closed over the main region of the
+        failed attempt's change grown by one cell (the place the first-order search committed
+        to); the result replaces the first where it flips or comes closer (``refined``)."""
+        def away(status: str, region: Tensor, outside: float) -> Tensor | None:
+            if status != NOT_FLIPPED or not region.any():
+                return None
+            return ~F.max_pool2d(region[None].float(), 3, 1, 1)[0].bool()
+
+        return self._region_retry("elsewhere", "better", away)
+
+    def _region_retry(self, name: str, keep: str,
+                      allowed_for: Callable[[str, Tensor, float], Tensor | None]) -> Retry:
+        """A ``Retry`` by the same prior, from the generators this search fitted (``snapshot=True``),
+        over the queries for which ``allowed_for(status, main region [1, g, g], share of the change
+        outside it)`` gives the gate cells they may open (None: not searched again)."""
+        allowed: dict[int, Tensor] = {}
 
         def select(out: CounterfactualBatch) -> list[int]:
-            region, _ = main_region(cell_change(self.images.cpu(), out.images, grid))
-            grown = F.max_pool2d(region.float(), 3, 1, 1).bool()
-            rows = [i for i, s in enumerate(out.status) if s == NOT_FLIPPED and bool(region[i].any())]
-            regions.update({i: ~grown[i] for i in rows})
-            return rows
+            region, outside = main_region(cell_change(self.images.cpu(), out.images, self.opts.gate.grid))
+            allowed.clear()
+            for i, status in enumerate(out.status):
+                cells = allowed_for(status, region[i], float(outside[i]))
+                if cells is not None:
+                    allowed[i] = cells
+            return list(allowed)
 
         def search(rows: list[int]) -> CounterfactualBatch:
-            return self.search_again(self.opts, rows, torch.stack([regions[i] for i in rows]))
+            return self.search_again(self.opts, rows, torch.stack([allowed[i] for i in rows]))
 
-        return Retry("elsewhere", search, flag="refined", select=select)
+        return Retry(name, search, flag="refined", select=select, keep=keep)
 
     def search_again(self, opts: Any, rows: Sequence[int], allowed: Tensor | None = None) -> CounterfactualBatch:
         """A new search with ``opts`` over the queries ``rows`` (in order), from the generators
@@ -513,6 +513,10 @@ class Retry:
     keep: str = "better"
 
 
+# per-row flags of how a kept image was made, which follow the image through later retries
+FOLLOW_THE_IMAGE = ("localized", "refined")
+
+
 def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBatch:
     """``out`` after each plan in turn, on the rows still ``not_flipped`` (none: the plan is
     skipped), merged by ``_take_better``. ``localized`` follows the image kept: a replaced row
@@ -528,12 +532,14 @@ def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBat
         take, src = _take_better(out, redo, again, plan.keep)
         if plan.flag is not None:
             getattr(out, plan.flag)[take] = True
-        if out.localized is not None:
-            out.localized[take] = again.localized[src] if again.localized is not None else False
-        if plan.flag != "refined" and (out.refined is not None or again.refined is not None):  # follows the image
-            if out.refined is None:
-                out.refined = torch.zeros(len(out.status), dtype=torch.bool)
-            out.refined[take] = again.refined[src] if again.refined is not None else False
+        for name in FOLLOW_THE_IMAGE:  # a replaced row takes the retry's (False where it has none)
+            mine, theirs = getattr(out, name), getattr(again, name)
+            if name == plan.flag or (mine is None and theirs is None):
+                continue
+            if mine is None:
+                mine = torch.zeros(len(out.status), dtype=torch.bool)
+                setattr(out, name, mine)
+            mine[take] = theirs[src] if theirs is not None else False
     return out
 
 
