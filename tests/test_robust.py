@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import compose_cfg
+from omegaconf import OmegaConf
 from torch import nn
 
-from disc_pl.cf.losses import Robust, RobustManifoldLoss, cone_project, functional_loss
+from disc_pl.cf.losses import ROBUST_RECIPE, Robust, RobustManifoldLoss, cone_project, functional_loss
 from disc_pl.cf.objective import ConeFunctionalTerm, FunctionalTerm, Step, default_objective
 from disc_pl.errors import ConfigError
 from disc_pl.models.realism import ConvAE, RealismScore, fit_autoencoder, im1
@@ -209,3 +211,11 @@ def test_bad_robust_and_realism_settings_are_refused_before_any_work():
         validate_run_config(cfg)
     assert {"judge.robust.eps", "judge.realism.latent", "manifold.recipe.steps",
             "manifold.recipe.max_train"} <= {p.key for p in err.value.problems}
+
+
+def test_the_composed_robust_recipe_is_the_python_default():
+    """`Robust()` built in Python (the API) trains the same robust models as `manifold=robust`
+    from conf/ (the model cache is keyed by the recipe): the two defaults may not drift apart."""
+    cfg = compose_cfg(["manifold=robust"])
+    assert OmegaConf.to_container(cfg.manifold.recipe) == ROBUST_RECIPE
+    assert Robust().recipe == ROBUST_RECIPE
