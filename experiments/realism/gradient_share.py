@@ -12,17 +12,15 @@ over the queries, and the same for the ground-truth counterfactual where the dat
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from finished_job import load_job
 
-from disc_pl.job import build_manifold, load_run_classifier
+from disc_pl.job import build_manifold
 
 
 def _grad(model, x, target):
@@ -47,15 +45,8 @@ def _fmt(v: torch.Tensor) -> str:
 
 
 def analyse(job: Path) -> None:
-    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-    # run.yaml's default cache_dir interpolates hydra's cwd, which is not set here: the same path
-    cfg.cache_dir = OmegaConf.select(cfg, "cache_dir", throw_on_resolution_failure=False) or os.environ.get(
-        "DISC_PL_CACHE", str(Path.cwd() / "outputs" / "model_cache"))
-    dm = instantiate(cfg.dataset)
-    dm.setup()
-    classifier, _ = load_run_classifier(cfg, dm)
+    cfg, dm, classifier, saved = load_job(job)
     manifold = build_manifold(cfg, classifier, None, dm)
-    saved = torch.load(job / "counterfactuals.pt", weights_only=True)
     x, x_cf = saved["query"].float(), saved["counterfactual"].float()
     target = torch.full((len(x),), dm.class_index(cfg.query.target or dm.default_query_target), dtype=torch.long)
     source = torch.full((len(x),), dm.class_index(cfg.query.source or dm.default_query_source), dtype=torch.long)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from finished_job import load_job
 
 from disc_pl.cf.objective import Step, default_objective
-from disc_pl.job import build_manifold, inversion_options, load_run_classifier
+from disc_pl.job import build_manifold, inversion_options
 
 GENERATOR_TERMS = ("prior", "area")  # need a generator / gate: not defined at the true image
 
@@ -41,20 +41,11 @@ def _terms_at(classifier, terms, states, query, image, source, target) -> dict[s
 
 
 def analyse(job: Path) -> dict[str, float]:
-    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-    cfg.cache_dir = OmegaConf.select(cfg, "cache_dir", throw_on_resolution_failure=False) or os.environ.get(
-        "DISC_PL_CACHE", str(Path.cwd() / "outputs" / "model_cache"))
-    dm = instantiate(cfg.dataset)
-    dm.setup()
-    if not dm.has_ground_truth:
-        raise SystemExit(f"{job}: the dataset has no ground-truth counterfactuals (use dataset=synthetic_faces)")
-    classifier, _ = load_run_classifier(cfg, dm)
-    classifier.eval()
+    cfg, dm, classifier, saved = load_job(job, need_truth=True)
     manifold_cfg = instantiate(cfg.manifold)
     options, _ = inversion_options(cfg, manifold_cfg)
     manifold = build_manifold(cfg, classifier, manifold_cfg, dm)
     terms = [t for t in default_objective(options, manifold) if t.name not in GENERATOR_TERMS]
-    saved = torch.load(job / "counterfactuals.pt", weights_only=True)
     x, found = saved["query"].float(), saved["counterfactual"].float()
     truth = dm.ground_truth(cfg.query.split, saved["query_id"].tolist())[0].float()
     target = torch.full((len(x),), dm.class_index(cfg.query.target or dm.default_query_target), dtype=torch.long)

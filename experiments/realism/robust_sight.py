@@ -20,27 +20,18 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from finished_job import load_job
 
-from disc_pl.job import build_manifold, load_run_classifier
+from disc_pl.job import build_manifold
 
 BINS = (0.0, 0.5, 1.0, 1.5, float("inf"))
 
 
 def analyse(job: Path) -> None:
-    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-    cfg.cache_dir = OmegaConf.select(cfg, "cache_dir", throw_on_resolution_failure=False) or os.environ.get(
-        "DISC_PL_CACHE", str(Path.cwd() / "outputs" / "model_cache"))
+    cfg, dm, classifier, saved = load_job(job, need_truth=True)
     if cfg.manifold.get("name") != "robust":
         raise SystemExit(f"{job}: not a manifold=robust job")
-    dm = instantiate(cfg.dataset)
-    dm.setup()
-    if not dm.has_ground_truth:
-        raise SystemExit(f"{job}: the dataset has no ground-truth counterfactuals (use dataset=synthetic_faces)")
-    classifier, _ = load_run_classifier(cfg, dm)
-    classifier.eval()
     robust = build_manifold(cfg, classifier, instantiate(cfg.manifold), dm).models
-    saved = torch.load(job / "counterfactuals.pt", weights_only=True)
     x, found = saved["query"].float(), saved["counterfactual"].float()
     truth = dm.ground_truth(cfg.query.split, saved["query_id"].tolist())[0].float()
     target = dm.class_index(cfg.query.target or dm.default_query_target)
