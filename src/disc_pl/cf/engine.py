@@ -342,8 +342,11 @@ def generate_counterfactuals(
     ungated = fb is None and opts.gate is not None and opts.gate.fallback
     first = Search(classifier, images, targets, seeds, opts, setting, snapshot=ungated or _searches_again(opts))
     # before the fallback: this prior's own results (the fallback's run does the same for its own)
-    plans = ([first.confined_retry()] if _searches_again(opts) and opts.refine is not None else []) + (
-        [first.elsewhere_retry()] if _searches_again(opts) and opts.retry_elsewhere else [])
+    plans = []
+    if opts.gate is not None and opts.refine is not None:
+        plans.append(first.confined_retry())
+    if opts.gate is not None and opts.retry_elsewhere:
+        plans.append(first.elsewhere_retry())
     plans += ([_prior_fallback(classifier, images, targets, seeds, fb, fb_options, setting, objective)] if fb is not None
               else [first.ungated_retry()] if ungated else [])
     out = retry(first.run(), plans)
