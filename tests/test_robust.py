@@ -10,8 +10,9 @@ from conftest import compose_cfg
 from omegaconf import OmegaConf
 from torch import nn
 
-from disc_pl.cf.losses import ROBUST_RECIPE, Robust, RobustManifoldLoss, cone_project, functional_loss
-from disc_pl.cf.objective import ConeFunctionalTerm, FunctionalTerm, Step, default_objective
+from disc_pl.cf.losses import (ROBUST_RECIPE, Robust, RobustManifoldLoss, cone_project, functional_loss,
+                              target_margin)
+from disc_pl.cf.objective import ConeFunctionalTerm, EnsembleTerm, FunctionalTerm, Step, default_objective
 from disc_pl.errors import ConfigError
 from disc_pl.models.realism import ConvAE, RealismScore, fit_autoencoder, im1
 from disc_pl.models.robust import adversarial_fit, check_robust_config, eps_at, l2_pgd
@@ -168,7 +169,7 @@ def test_cone_functional_term_has_the_explained_loss_and_the_projected_gradient(
     xe = x.detach().requires_grad_(True)
     g_f, = torch.autograd.grad(functional_loss(explained(xe), target).sum(), xe)
     xr = x.detach().requires_grad_(True)
-    g_r, = torch.autograd.grad(robust.robust_loss(xr, target).sum(), xr)
+    g_r, = torch.autograd.grad(robust.ensemble_loss(xr, target).sum(), xr)
     expect = cone_project(g_r, g_f, 20.0)
     expect = expect * (g_f.flatten(1).norm(dim=1) / expect.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
     assert torch.allclose(grad, expect, atol=1e-6)
@@ -197,6 +198,72 @@ def test_robust_manifold_term_and_objective_wiring():
     assert list(made.models) == nets and made.cone_angle == 30.0 and made.dep is None
     with pytest.raises(ConfigError, match="cone_angle"):
         Robust(cone_angle=90)
+
+
+def _step(x: torch.Tensor, target: torch.Tensor, idx: torch.Tensor) -> Step:
+    return Step(x=x, logits=torch.zeros(len(x), 2), feats=[], query=x.detach(), source=1 - target, target=target,
+                idx=idx, prior=None, mask=None)
+
+
+def test_target_margin_is_the_target_logit_over_the_log_sum_exp_of_the_others():
+    z = torch.tensor([[[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]]])
+    t = torch.tensor([0, 2])
+    expect = torch.tensor([[1.0 - math.log(math.exp(2) + math.exp(3)), 4.0 - math.log(math.exp(0.5) + math.exp(-1))]])
+    assert torch.allclose(target_margin(z, t), expect)
+
+
+def test_the_margin_goal_is_the_query_margin_mirrored_and_rows_follow_their_queries():
+    """Two classes: the margin-shifted cross entropy of model i is softplus(r * max(0, -m_i(x)) -
+    m_i(x')), m_i = logit(target) - logit(other), x the row's own query (hand-computed here from
+    the linear models' weights); margin=None is the plain cross entropy."""
+    torch.manual_seed(0)
+    nets = [_Linear(torch.randn(2, SIDE * SIDE) * 0.3, torch.randn(2)) for _ in range(2)]
+    queries = torch.rand(4, 1, SIDE, SIDE)
+    cand = torch.rand(4, 1, SIDE, SIDE)
+    target = torch.tensor([1, 0, 1, 1])
+    idx = torch.tensor([2, 0])  # the step's active rows: queries 2 and 0, in that order
+
+    def m(net, x, t):
+        z = net(x)
+        return z.gather(1, t[:, None])[:, 0] - z.gather(1, (1 - t)[:, None])[:, 0]
+
+    for r in (1.0, 0.5):
+        term = EnsembleTerm(RobustManifoldLoss(nets, None, 1.0, None, margin=r))
+        state = term.prepare(queries, [])
+        got = term(_step(cand[idx], target[idx], idx), state)
+        expect = torch.stack([torch.nn.functional.softplus(r * (-m(n, queries[idx], target[idx])).clamp_min(0)
+                                                           - m(n, cand[idx], target[idx])) for n in nets]).mean(0)
+        assert torch.allclose(got, expect, atol=1e-6)
+    plain = EnsembleTerm(RobustManifoldLoss(nets, None, 1.0))
+    assert plain.prepare(queries, []) is None
+    ce = torch.stack([functional_loss(n(cand[idx]), target[idx]) for n in nets]).mean(0)
+    assert torch.allclose(plain(_step(cand[idx], target[idx], idx), None), ce)
+    with pytest.raises(ConfigError, match="margin"):
+        Robust(margin=-1)
+
+
+def test_the_margin_goal_keeps_pulling_where_the_cross_entropy_has_saturated():
+    """A robust model already predicting the target by a margin of 6 (p = 0.998) gives its cross
+    entropy almost no gradient; with the goal of the query's mirrored margin (12) the term still
+    pulls with nearly its full strength, and stops pulling once the goal is passed."""
+    w = torch.zeros(2, SIDE * SIDE)
+    w[1, 0] = 1.0  # margin of class 1 = pixel 0
+    net = _Linear(w, torch.zeros(2))
+    target = torch.ones(1, dtype=torch.long)
+    query = torch.zeros(1, 1, SIDE, SIDE)
+    query[0, 0, 0, 0] = -12.0
+
+    def grad_norm(loss: RobustManifoldLoss, pixel: float) -> float:
+        x = torch.zeros(1, 1, SIDE, SIDE)
+        x[0, 0, 0, 0] = pixel
+        x.requires_grad_(True)
+        term = EnsembleTerm(loss)
+        value = term(_step(x, target, torch.tensor([0])), term.prepare(query, []))
+        return torch.autograd.grad(value.sum(), x)[0].norm().item()
+
+    goal, ce = RobustManifoldLoss([net], None, margin=1.0), RobustManifoldLoss([net], None)
+    assert grad_norm(goal, 6.0) > 0.99 and grad_norm(ce, 6.0) < 0.003
+    assert grad_norm(goal, 20.0) < 0.001
 
 
 def test_bad_robust_and_realism_settings_are_refused_before_any_work():

@@ -167,20 +167,48 @@ class EnsembleManifold(nn.Module):
 
     name = "ensemble"
 
-    def __init__(self, models: Sequence[nn.Module], dep: DEPManifold | None = None, weight: float = 1.0) -> None:
+    def __init__(self, models: Sequence[nn.Module], dep: DEPManifold | None = None, weight: float = 1.0,
+                 margin: float | None = None) -> None:
         super().__init__()
         self.models = nn.ModuleList(models)
         self.dep = dep
         self.weight = float(weight)
+        self.margin = None if margin is None else float(margin)
 
-    def ensemble_loss(self, x_cf: Tensor, target: Tensor) -> Tensor:
-        """Mean cross entropy to ``target`` of the models, ``[b]``."""
-        return torch.stack([F.cross_entropy(m(x_cf), target, reduction="none") for m in self.models]).mean(0)
+    def ensemble_logits(self, x: Tensor) -> Tensor:
+        """The models' logits, ``[k, b, K]``."""
+        return torch.stack([m(x) for m in self.models])
+
+    def ensemble_loss(self, x_cf: Tensor, target: Tensor, shift: Tensor | None = None) -> Tensor:
+        """Mean cross entropy to ``target`` of the models, ``[b]``. With ``shift`` (``[k, b]``, >= 0),
+        model i's target logit is lowered by ``shift[i]`` first: its loss keeps falling until the
+        target leads the other classes by about that much (a margin-shifted cross entropy)."""
+        logits = self.ensemble_logits(x_cf)
+        if shift is not None:
+            onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+            logits = logits - shift.to(logits.dtype)[..., None] * onehot
+        return torch.stack([F.cross_entropy(z, target, reduction="none") for z in logits]).mean(0)
+
+    def goal_shift(self, query_logits: Tensor, target: Tensor) -> Tensor | None:
+        """``margin`` x each model's margin *against* the target at the query (``[k, b]``; 0 where
+        the query already leans to the target): the certainty with which the models read the
+        query's own class, mirrored, is what the counterfactual must reach. None without margin."""
+        if self.margin is None:
+            return None
+        return self.margin * (-target_margin(query_logits.float(), target)).clamp_min(0)
 
     def forward(self, x_cf, logits, feats, source, target) -> Tensor:
         if self.dep is None:
             return torch.zeros(x_cf.shape[0], device=x_cf.device, dtype=torch.promote_types(x_cf.dtype, torch.float32))
         return self.dep(x_cf, logits, feats, source, target)
+
+
+def target_margin(logits: Tensor, target: Tensor) -> Tensor:
+    """The target logit minus the log-sum-exp of the others, ``[..., b]`` for logits ``[..., b, K]``
+    (two classes: the logit difference; > 0 where the target is predicted)."""
+    z_t = logits.gather(-1, target.expand(logits.shape[:-1])[..., None]).squeeze(-1)
+    others = logits.masked_fill(F.one_hot(target, logits.shape[-1]).bool().expand(logits.shape), float("-inf"))
+    return z_t - torch.logsumexp(others, dim=-1)
 
 
 class SurrogateManifold(EnsembleManifold):
@@ -308,17 +336,16 @@ class RobustManifoldLoss(EnsembleManifold):
     name = "robust"
 
     def __init__(self, models: Sequence[nn.Module], dep: DEPManifold | None = None, weight: float = 1.0,
-                 cone_angle: float | None = None) -> None:
-        super().__init__(models, dep, weight)
+                 cone_angle: float | None = None, margin: float | None = None) -> None:
+        super().__init__(models, dep, weight, margin)
         self.cone_angle = None if cone_angle is None else float(cone_angle)
 
-    def ensemble_loss(self, x_cf: Tensor, target: Tensor) -> Tensor:
+    def ensemble_logits(self, x: Tensor) -> Tensor:
         """In float32 (the models were trained in float32 and are cheap)."""
-        x = x_cf.float()
+        x = x.float()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return super().ensemble_loss(x, target)
+            return super().ensemble_logits(x)
 
-    robust_loss = ensemble_loss
 
 
 # The robust models' training recipe (disc_pl.models.robust; conf/manifold/robust.yaml's recipe).
@@ -337,16 +364,20 @@ class Robust(Manifold):
     name = "robust"
 
     def __init__(self, lambda_mc: float = 0.1, k: int = 2, weight: float = 1.0, dep: bool = True,
-                 cone_angle: float | None = None, recipe: Any = ROBUST_RECIPE, name: str | None = None) -> None:
+                 cone_angle: float | None = None, recipe: Any = ROBUST_RECIPE, name: str | None = None,
+                 margin: float | None = None) -> None:
         super().__init__(lambda_mc, name)
         require("manifold", [("k", k, is_integer(k) and k >= 1, "must be an integer >= 1"),
                              ("weight", weight, is_number(weight, 0), "must be a number >= 0"),
                              ("dep", dep, isinstance(dep, bool), "must be true or false"),
                              ("cone_angle", cone_angle, cone_angle is None or (is_number(cone_angle, 0)
                                                                                 and cone_angle < 90),
-                              "degrees in [0, 90) (the cone around the explained classifier's gradient), or null")])
+                              "degrees in [0, 90) (the cone around the explained classifier's gradient), or null"),
+                             ("margin", margin, margin is None or is_number(margin, 0),
+                              "a number >= 0 (the share of the query's mirrored margin to reach), or null (cross entropy)")])
         self.k, self.weight, self.dep = int(k), float(weight), bool(dep)
         self.cone_angle = None if cone_angle is None else float(cone_angle)
+        self.margin = None if margin is None else float(margin)
         self.recipe = recipe
         self.needs_dep = self.dep
         self.needs_robust = self.k
@@ -355,7 +386,8 @@ class Robust(Manifold):
         if load_robust is None:
             raise ValueError("manifold=robust needs load_robust (a callable i -> the i-th robust model)")
         return RobustManifoldLoss([load_robust(i) for i in range(self.k)],
-                                  DEPManifold(classifier) if self.dep else None, self.weight, self.cone_angle)
+                                  DEPManifold(classifier) if self.dep else None, self.weight, self.cone_angle,
+                                  self.margin)
 
 
 def cone_project(g: Tensor, around: Tensor, angle_deg: float) -> Tensor:

@@ -109,8 +109,16 @@ class EnsembleTerm(Term):
         super().__init__(weight)
         self.manifold = manifold
 
+    def prepare(self, images, feats):
+        """The models' logits at the queries where the manifold sets a ``margin`` (its goal)."""
+        if getattr(self.manifold, "margin", None) is None:
+            return None
+        with torch.no_grad():
+            return self.manifold.ensemble_logits(images)
+
     def __call__(self, step, state):
-        return self.manifold.ensemble_loss(step.x_guide, step.target)
+        shift = None if state is None else self.manifold.goal_shift(state[:, step.idx], step.target)
+        return self.manifold.ensemble_loss(step.x_guide, step.target, shift)
 
 
 def random_views(x: Tensor, shift: float, noise: float, hflip: bool = False) -> Tensor:
@@ -188,7 +196,7 @@ class ConeFunctionalTerm(Term):
         g_f, = torch.autograd.grad(ce.sum(), x, retain_graph=True)
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            g_r, = torch.autograd.grad(self.robust.robust_loss(xr, step.target).sum(), xr)
+            g_r, = torch.autograd.grad(self.robust.ensemble_loss(xr, step.target).sum(), xr)
         d = cone_project(g_r, g_f, self.angle).float()
         d = (d * (g_f.float().flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1).clamp_min(1e-30)).view(
             -1, *([1] * (d.dim() - 1)))).detach()

@@ -12,6 +12,7 @@ depend on B or on the other queries (up to float round-off of batched kernels).
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -492,13 +493,19 @@ class WarpPrior(Prior):
     control points, ``alpha_mag`` x their mean squared displacement (both in pixels^2, so
     independent of the image size for a given displacement in pixels) and ``alpha_l1`` x their
     mean absolute displacement (pixels; a sparse, hence local, deformation). The field starts at
-    zero, where x' = x exactly; it is continuous, but rendered at full size only."""
+    zero, where x' = x exactly; it is continuous, but rendered at full size only.
+
+    ``grad_blur`` (pixels, or None): the image x' is sampled from the query as it is, but the
+    displacement's gradient is taken from a Gaussian-blurred copy (sigma ``grad_blur``) sampled at
+    the same points. A thin stroke's own gradient reaches only the pixels beside it; the blurred
+    one sees it from a few pixels away, so a stroke can be pulled as a whole instead of torn."""
 
     groups = ("flow",)
     default_recon_lr = 0.01  # unused: the field starts at the identity
 
     def __init__(self, images: Tensor, seeds: Sequence[int], grid: int = 16, alpha_smooth: float = 0.01,
-                 alpha_mag: float = 0.0, alpha_l1: float = 0.0, max_shift: float | None = None) -> None:
+                 alpha_mag: float = 0.0, alpha_l1: float = 0.0, max_shift: float | None = None,
+                 grad_blur: float | None = None) -> None:
         super().__init__(images, seeds)
         if not (is_integer(grid) and 2 <= int(grid)):
             raise ValueError(f"grid must be an integer >= 2 (control points per side), got {grid!r}")
@@ -507,11 +514,17 @@ class WarpPrior(Prior):
                              f"{alpha_mag!r}, {alpha_l1!r}")
         if max_shift is not None and not max_shift > 0:
             raise ValueError(f"max_shift must be > 0 pixels or null, got {max_shift!r}")
+        if grad_blur is not None and not grad_blur > 0:
+            raise ValueError(f"grad_blur must be > 0 pixels (the blur the displacement's gradient is taken from) "
+                             f"or null, got {grad_blur!r}")
         self.grid, self.alpha_smooth, self.alpha_mag = int(grid), float(alpha_smooth), float(alpha_mag)
         self.alpha_l1 = float(alpha_l1)
         self.max_shift = None if max_shift is None else float(max_shift)
         b, _, h, w = images.shape
         self.flow = nn.Parameter(images.new_zeros(b, 2, self.grid, self.grid))  # (dx, dy) in pixels
+        self.grad_blur = None if grad_blur is None else float(grad_blur)
+        self.register_buffer("blurred", None if grad_blur is None else gaussian_blur(images, self.grad_blur),
+                             persistent=False)
         ys = (torch.arange(h, dtype=images.dtype, device=images.device) + 0.5) * 2 / h - 1
         xs = (torch.arange(w, dtype=images.dtype, device=images.device) + 0.5) * 2 / w - 1
         base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [H, W, 2]: (x, y) pixel centres
@@ -542,8 +555,14 @@ class WarpPrior(Prior):
         images = self.images if idx is None else self.images[idx]
         d = self.displacement(idx).permute(0, 2, 3, 1).to(images.dtype)  # [b, H, W, 2]
         grid = self.base_grid + d * self.to_unit
-        return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
-                                               align_corners=False)
+        sharp = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                                                align_corners=False)
+        if self.blurred is None:
+            return sharp
+        blurred = self.blurred if idx is None else self.blurred[idx]
+        soft = torch.nn.functional.grid_sample(blurred.to(images.dtype), grid, mode="bilinear",
+                                               padding_mode="border", align_corners=False)
+        return sharp.detach() + soft - soft.detach()  # the value of sharp, the gradient of soft
 
     def _group_parameters(self, name: str) -> list[Tensor]:
         return [self.flow]
@@ -554,6 +573,18 @@ class WarpPrior(Prior):
                   + (f[:, :, :, 1:] - f[:, :, :, :-1]).square().flatten(1).mean(1))
         return (self.alpha_smooth * smooth + self.alpha_mag * f.square().flatten(1).mean(1)
                 + self.alpha_l1 * f.abs().flatten(1).mean(1))
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``x [B, C, H, W]`` (std ``sigma`` pixels, edge pixels repeated)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    out = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="replicate")
+    out = torch.nn.functional.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return torch.nn.functional.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 PRIORS: dict[str, type[Prior]] = {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior, "warp": WarpPrior}
