@@ -347,7 +347,6 @@ class RobustManifoldLoss(EnsembleManifold):
             return super().ensemble_logits(x)
 
 
-
 # The robust models' training recipe (disc_pl.models.robust; conf/manifold/robust.yaml's recipe).
 ROBUST_RECIPE = {"width": 16, "epochs": 16, "lr": 3.0e-3, "batch_size": 64, "weight_decay": 0.0, "hflip": False,
                  "max_shift": 2, "noise": 0.0, "max_train": 2000, "eps": 0.1, "steps": 5, "warmup_epochs": 2,
