@@ -111,7 +111,7 @@ class EnsembleTerm(Term):
 
     def prepare(self, images, feats):
         """The models' logits at the queries where the manifold sets a ``margin`` (its goal)."""
-        if getattr(self.manifold, "margin", None) is None:
+        if self.manifold.margin is None:
             return None
         with torch.no_grad():
             return self.manifold.ensemble_logits(images)

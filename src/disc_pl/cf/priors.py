@@ -12,7 +12,6 @@ depend on B or on the other queries (up to float round-off of batched kernels).
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from disc_pl.cf import precision as amp
 from disc_pl.cf.optim import RowAdam
+from disc_pl.data.corruptions import blur
 from disc_pl.errors import ConfigError, Problem, is_integer
 from disc_pl.nets.siren import BatchedFourierSiren
 from disc_pl.nets.unet import BatchedSkipNet
@@ -523,7 +523,7 @@ class WarpPrior(Prior):
         b, _, h, w = images.shape
         self.flow = nn.Parameter(images.new_zeros(b, 2, self.grid, self.grid))  # (dx, dy) in pixels
         self.grad_blur = None if grad_blur is None else float(grad_blur)
-        self.register_buffer("blurred", None if grad_blur is None else gaussian_blur(images, self.grad_blur),
+        self.register_buffer("blurred", None if grad_blur is None else blur(images, self.grad_blur, "replicate"),
                              persistent=False)
         ys = (torch.arange(h, dtype=images.dtype, device=images.device) + 0.5) * 2 / h - 1
         xs = (torch.arange(w, dtype=images.dtype, device=images.device) + 0.5) * 2 / w - 1
@@ -560,7 +560,7 @@ class WarpPrior(Prior):
         if self.blurred is None:
             return sharp
         blurred = self.blurred if idx is None else self.blurred[idx]
-        soft = torch.nn.functional.grid_sample(blurred.to(images.dtype), grid, mode="bilinear",
+        soft = torch.nn.functional.grid_sample(blurred, grid, mode="bilinear",
                                                padding_mode="border", align_corners=False)
         return sharp.detach() + soft - soft.detach()  # the value of sharp, the gradient of soft
 
@@ -573,18 +573,6 @@ class WarpPrior(Prior):
                   + (f[:, :, :, 1:] - f[:, :, :, :-1]).square().flatten(1).mean(1))
         return (self.alpha_smooth * smooth + self.alpha_mag * f.square().flatten(1).mean(1)
                 + self.alpha_l1 * f.abs().flatten(1).mean(1))
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``x [B, C, H, W]`` (std ``sigma`` pixels, edge pixels repeated)."""
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    out = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="replicate")
-    out = torch.nn.functional.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return torch.nn.functional.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 PRIORS: dict[str, type[Prior]] = {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior, "warp": WarpPrior}

@@ -42,18 +42,22 @@ def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tens
     return (x + std * torch.randn(x.shape, generator=generator)).clamp(0, 1)
 
 
-def gaussian_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
-    """Separable Gaussian blur of ``x [C, H, W]`` with reflect padding."""
-    sigma = _BLUR_SIGMA_32PX[severity - 1] * x.shape[-1] / 32
+def blur(x: Tensor, sigma: float, padding: str = "reflect") -> Tensor:
+    """Separable Gaussian blur of ``x [B, C, H, W]`` (std ``sigma`` pixels), the border padded by
+    ``F.pad``'s ``padding`` mode (``replicate`` where the kernel may be wider than the image)."""
     radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    c = x.shape[0]
-    h = F.pad(x[None], (radius, radius, radius, radius), mode="reflect")
+    c = x.shape[1]
+    h = F.pad(x, (radius, radius, radius, radius), mode=padding)
     h = F.conv2d(h, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    h = F.conv2d(h, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return h[0].clamp(0, 1)
+    return F.conv2d(h, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def gaussian_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Separable Gaussian blur of ``x [C, H, W]`` with reflect padding."""
+    return blur(x[None], _BLUR_SIGMA_32PX[severity - 1] * x.shape[-1] / 32)[0].clamp(0, 1)
 
 
 def contrast(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
