@@ -3,6 +3,7 @@ divergence isolation, a pinned reference loop), and a flip of a trained toy clas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -16,7 +17,7 @@ from disc_pl.cf.engine import InversionOptions, PriorFallback, Stage, generate_c
 from disc_pl.cf.gate import GateOptions
 from disc_pl.cf.losses import DEPManifold, SemanticLoss, functional_loss
 from disc_pl.cf.objective import Term, default_objective
-from disc_pl.cf.priors import TVPrior
+from disc_pl.cf.priors import TVPrior, WarpPrior
 from disc_pl.errors import ConfigError
 
 SMALL_INR = dict(n_frequencies=64, sigma=3.0, first_omega0=3.0, hidden=64, depth=2)
@@ -365,3 +366,37 @@ def test_target_confidence_goes_on_past_the_flip_and_still_counts_the_flip_at_th
     assert (cut.steps == 40).all()  # never reached the goal: ran every step
     with pytest.raises(ValueError, match="target_confidence"):
         _analytic_opts("tv", False, target_confidence=0.1)  # below target_margin=0.2
+
+
+@pytest.mark.parametrize("by", ["name", "partial"])
+def test_a_relaxed_prior_retries_the_queries_the_prior_cannot_flip_before_the_fallback(float64, by):
+    """``retry_hparams``: a warp whose shift is capped at 0.5 px cannot move the bar of query 0
+    into the patch; the same warp with the cap lifted can, and its image is exactly an uncapped
+    run's (the retry is that search). Query 1 (uniform grey) is flipped by neither warp and goes on
+    to the tv fallback: relaxed = [True, False], fallback = [False, True]."""
+    x, t, warp = _bar_and_grey()
+    tv = dataclasses.replace(warp, stages=[Stage(["pixels"], 150, 3)])
+    capped = {"grid": 8, "max_shift": 0.5}
+    prior, hparams = (("warp", capped) if by == "name" else (functools.partial(WarpPrior, **capped), None))
+    alone = generate_counterfactuals(_BarReader(), x, t, prior=prior, prior_hparams=hparams, options=warp, seeds=[0, 1])
+    assert alone.status == ["not_flipped", "not_flipped"] and alone.relaxed is None
+    free = generate_counterfactuals(_BarReader(), x, t, prior="warp", prior_hparams={"grid": 8}, options=warp,
+                                    seeds=[0, 1])
+    opts = dataclasses.replace(warp, retry_hparams=[{"max_shift": None}], fallback=PriorFallback("tv", tv))
+    out = generate_counterfactuals(_BarReader(), x, t, prior=prior, prior_hparams=hparams, options=opts, seeds=[0, 1])
+    assert out.status == ["flipped", "flipped"]
+    assert out.relaxed.tolist() == [True, False] and out.fallback.tolist() == [False, True]
+    assert torch.equal(out.images[0], free.images[0])
+    assert out.steps[0] == alone.steps[0] + free.steps[0]  # both searches are counted
+    assert out.images[1].max() > 0.2 + 0.1  # the fallback painted what no warp can move
+
+
+def test_relaxed_priors_need_the_prior_by_name_or_partial_and_mappings(float64):
+    x, t, warp = _bar_and_grey()
+    prior = WarpPrior(x, [0, 1], grid=8, max_shift=0.5)
+    with pytest.raises(ValueError, match="retry_hparams"):
+        generate_counterfactuals(_BarReader(), x, t, prior=prior, seeds=[0, 1],
+                                 options=dataclasses.replace(warp, retry_hparams=[{"max_shift": None}]))
+    for bad in ([{}], ["max_shift"], {"max_shift": 1}):
+        with pytest.raises(ConfigError, match="retry_hparams"):
+            InversionOptions(retry_hparams=bad)

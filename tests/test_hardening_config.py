@@ -225,3 +225,15 @@ def test_localize_none_has_no_gate_keys_to_set():
 def test_a_prior_without_its_reconstruction_settings_is_refused(tmp_path):
     err = run_fails(tmp_path, ["~prior.recon.psnr_target"])
     assert err.key == "prior.recon.psnr_target" and "must be set" in err.allowed
+
+
+@pytest.mark.parametrize("value, key, hint", [
+    ("[{alpha_smooth:-1}]", "prior.retry_hparams[0]", "alpha_smooth"),
+    ("[{smoothness:0.1}]", "prior.retry_hparams[0]", "smoothness"),
+    ("[3]", "prior.retry_hparams", "mappings"),
+])
+def test_a_priors_relaxations_are_checked_against_its_hparams(tmp_path, value, key, hint):
+    """prior.retry_hparams: each entry must still build the prior (probed), so a bad change is
+    refused before any training, naming the entry."""
+    err = run_fails(tmp_path, ["prior=warp", f"prior.retry_hparams={value}"])
+    assert err.key == key and hint in str(err)

@@ -185,7 +185,7 @@ class Bench:
         gate = replace(options.gate, fallback=False) if options.gate is not None else None
         return replace(options, stages=stages, recon_steps=recon, psnr_target=1e9, log_every=0,
                        gate=gate, precision=self.precision, fallback=None, refine=None,
-                       retry_elsewhere=False), factory
+                       retry_elsewhere=False, retry_hparams=()), factory
 
     def generate(self, prior: str, rows: slice, options: InversionOptions | None = None, hparams=None):
         """``hparams``: the prior's generator factory (``Bench.options``)."""

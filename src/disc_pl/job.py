@@ -231,6 +231,10 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     by_refined = [r for r in rows if r["flipped"] and isinstance(r.get("refined"), bool)]
     if by_refined:
         out["cf/refined_rate"] = sum(r["refined"] for r in by_refined) / len(by_refined)
+    # share of the flipped counterfactuals made by the prior's relaxation (prior.retry_hparams)
+    by_relaxed = [r for r in rows if r["flipped"] and isinstance(r.get("relaxed"), bool)]
+    if by_relaxed:
+        out["cf/relaxed_rate"] = sum(r["relaxed"] for r in by_relaxed) / len(by_relaxed)
     flipped_rows = [r for r in rows if r["status"] == "flipped"]
     for key in (*FLIPPED_FIGURES, *ALL_FIGURES):
         among = flipped_rows if key in FLIPPED_FIGURES else rows

@@ -30,6 +30,7 @@ class CounterfactualBatch:
     fallback: Tensor | None = None   # [B] bool: the kept image came from the fallback prior; None: none set
     refined: Tensor | None = None    # [B] bool: the kept image came from a second search in a region of its own
                                      # (prior.refine / retry_elsewhere); None: none can run
+    relaxed: Tensor | None = None    # [B] bool: the kept image came from a relaxed prior (prior.retry_hparams)
     precision: str = "32"          # the precision it ran in (inversion.precision, resolved)
 
     def rows(self, rows: Sequence[int]) -> CounterfactualBatch:
@@ -45,6 +46,7 @@ class CounterfactualBatch:
             prediction=self.prediction[on], steps=self.steps[on], recon_psnr=self.recon_psnr[on],
             seconds=self.seconds[on], losses={t: v[on] for t, v in self.losses.items()},
             localized=take(self.localized), fallback=take(self.fallback), refined=take(self.refined),
+            relaxed=take(self.relaxed),
             precision=self.precision)
 
 

@@ -167,10 +167,17 @@ class InversionOptions:
     # a query it leaves not flipped is searched again with the gate closed over the main region of
     # its failed attempt (grown by one cell); that result is kept where it flips or comes closer.
     retry_elsewhere: bool = False
+    # The prior's relaxations (conf/prior/<name>.yaml's retry_hparams; not in the paper): the
+    # queries the run leaves not flipped, or flipped below the fallback's `below`, are searched
+    # again by the same prior with these generator hyperparameters changed, one entry after the
+    # other (e.g. the warp's smoothness lowered), before the fallback prior; a result replaces the
+    # first where it flips or is more confident. Needs the prior by name or as a functools.partial.
+    retry_hparams: Sequence[Mapping] = ()
 
     def __post_init__(self) -> None:
         self._check()
         self.terms = tuple(self.terms)
+        self.retry_hparams = tuple(dict(h) for h in self.retry_hparams)
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
         self.stages = [dataclasses.replace(s, steps=self.steps_per_stage if s.steps is None else s.steps,
                                            min_steps=self.min_steps if s.min_steps is None else s.min_steps)
@@ -217,6 +224,9 @@ class InversionOptions:
              "must be null (off) or a share in (0, 1): how much of a flipped query's change outside its main "
              "region sends it to a search confined to that region"),
             ("retry_elsewhere", self.retry_elsewhere, isinstance(self.retry_elsewhere, bool), "must be true or false"),
+            ("retry_hparams", self.retry_hparams, isinstance(self.retry_hparams, (list, tuple)) and all(
+                isinstance(h, Mapping) and h and all(isinstance(k, str) for k in h) for h in self.retry_hparams),
+             "must be a list of non-empty mappings of the prior's hyperparameters, e.g. [{alpha_smooth: 0.01}]"),
             ("terms", self.terms, all(isinstance(t, Term) for t in self.terms),
              "must be objective terms (disc_pl.cf.objective.Term)")])
         if not self.stages:
@@ -279,6 +289,7 @@ def prior_schedule(prior: Mapping, steps_per_stage: int | None = None, min_steps
     recon = prior["recon"]
     sizes = stage_sizes(prior)
     return dict(lr=float(prior["lr"]), refine=prior.get("refine"), retry_elsewhere=bool(prior.get("retry_elsewhere", False)),
+                retry_hparams=tuple(dict(h) for h in prior.get("retry_hparams") or ()),
                 stages=[Stage(list(g), steps_per_stage, min_steps, size=size)
                         for g, size in zip(prior["stages"], sizes, strict=True)],  # lengths: validate
                 recon_steps=int(recon["max_steps"]), psnr_target=float(recon["psnr_target"]),
@@ -347,11 +358,15 @@ def generate_counterfactuals(
         plans.append(first.confined_retry())
     if opts.gate is not None and opts.retry_elsewhere:
         plans.append(first.elsewhere_retry())
+    plans += [_relaxed_retry(classifier, images, targets, seeds, hp, opts, setting, objective)
+              for hp in opts.retry_hparams]
     plans += ([_prior_fallback(classifier, images, targets, seeds, fb, fb_options, setting, objective)] if fb is not None
               else [first.ungated_retry()] if ungated else [])
     out = retry(first.run(), plans)
     if out.refined is None and (_searches_again(opts) or _searches_again(fb_options)):
         out.refined = torch.zeros(B, dtype=torch.bool)  # one `refined` column per run, whichever batch ran one
+    if out.relaxed is None and opts.retry_hparams:
+        out.relaxed = torch.zeros(B, dtype=torch.bool)  # likewise `relaxed`
     return out
 
 
@@ -359,6 +374,43 @@ def _searches_again(opts: InversionOptions | None) -> bool:
     """Whether a prior's run may search a query again in a region of its own (``refine``,
     ``retry_elsewhere``; both need the gate)."""
     return opts is not None and opts.gate is not None and (opts.refine is not None or opts.retry_elsewhere)
+
+
+def relaxed_prior(prior: str | Prior | PriorFactory, prior_hparams: Mapping | None,
+                  change: Mapping) -> tuple[str | PriorFactory, Mapping | None]:
+    """``(prior, prior_hparams)`` of the same prior with the hyperparameters ``change`` changed: a
+    prior by name takes them into its hparams, a ``functools.partial`` factory as new keywords."""
+    if isinstance(prior, str):
+        return prior, {**(prior_hparams or {}), **change}
+    if isinstance(prior, functools.partial):
+        return functools.partial(prior, **change), prior_hparams
+    raise ValueError(f"inversion retry_hparams={[dict(h) for h in [change]]} needs the prior by name or as a "
+                     f"functools.partial factory (prior.hparams with _partial_: true), got {type(prior).__name__}; "
+                     "set retry_hparams=() for this prior")
+
+
+def _relaxed_retry(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],
+                   change: Mapping, opts: InversionOptions, setting: Setting,
+                   objective: Sequence[Term] | None) -> Retry:
+    """One of the prior's relaxations (``options.retry_hparams``) as a ``Retry``: the same prior
+    with ``change`` in its hyperparameters, on the rows the fallback prior would take (not flipped,
+    or flipped below its ``below``), which sets ``relaxed`` on the rows it replaced."""
+    prior, hparams = relaxed_prior(setting.prior, setting.prior_hparams, change)
+    below = opts.fallback.below if opts.fallback is not None else None
+    options = dataclasses.replace(opts, fallback=None, retry_hparams=())
+
+    def rows(out: CounterfactualBatch) -> list[int]:
+        return [i for i, s in enumerate(out.status)
+                if s == NOT_FLIPPED or (below is not None and s == FLIPPED and float(out.target_prob[i]) < below)]
+
+    def search(on_rows: list[int]) -> CounterfactualBatch:
+        on = torch.tensor(on_rows).to(images.device)
+        return generate_counterfactuals(
+            classifier, images[on], targets[on], prior=prior, prior_hparams=hparams, manifold=setting.manifold,
+            options=options, objective=objective, seeds=[seeds[i] for i in on_rows], on_log=setting.on_log)
+
+    name = ", ".join(f"{k}={v}" for k, v in change.items())
+    return Retry(f"the prior with {name}", search, flag="relaxed", select=rows)
 
 
 def _prior_fallback(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],

@@ -105,7 +105,9 @@ def query_rows(batch: Mapping[str, Any], out, class_names: Sequence[str] | None)
                # empty without prior.fallback: True where the fallback prior made the image
                "fallback": bool(out.fallback[i]) if out.fallback is not None else "",
                # empty where no second search can run (prior.refine / retry_elsewhere): True where its image was kept
-               "refined": bool(out.refined[i]) if out.refined is not None else ""}
+               "refined": bool(out.refined[i]) if out.refined is not None else "",
+               # empty without prior.retry_hparams: True where a relaxed prior's image was kept
+               "relaxed": bool(out.relaxed[i]) if out.relaxed is not None else ""}
         row.update({k: float(v[i]) for k, v in figures.items()})
         row.update({"steps": int(out.steps[i]), "seconds": float(out.seconds[i]),
                     "recon_psnr": float(out.recon_psnr[i]), "precision": out.precision})

@@ -52,6 +52,27 @@ def check_prior(ch: Checks, key: str = "prior") -> None:
             ch.add(p.key.replace("prior.", f"{key}.", 1), p.value, p.allowed)
     except (TypeError, ValueError) as err:
         ch.add(f"{key}.hparams", hparams, f"prior={name} cannot be built for {size}x{size} images: {err}")
+    _check_retry_hparams(ch, key, cls, hparams, size)
+
+
+def _check_retry_hparams(ch: Checks, key: str, cls: type[Prior], hparams: dict, size: int) -> None:
+    """``<key>.retry_hparams``: absent, or a list of mappings, each a change of the prior's hparams
+    that still builds it (probed like the prior)."""
+    import torch
+
+    retry = ch.get(f"{key}.retry_hparams")
+    if retry is ABSENT or retry is None:
+        return
+    if not isinstance(retry, list) or not all(isinstance(h, dict) and h for h in retry):
+        ch.add(f"{key}.retry_hparams", retry, "must be a list of non-empty mappings of the prior's hparams, "
+               "e.g. [{alpha_smooth: 0.01}] (or [] for none)")
+        return
+    for i, change in enumerate(retry):
+        try:
+            cls(torch.zeros(1, dataset_channels(ch.cfg), size, size), [0], **{**hparams, **change})
+        except (ConfigError, TypeError, ValueError) as err:
+            ch.add(f"{key}.retry_hparams[{i}]", change, f"prior={ch.get(f'{key}.name')} cannot be built with "
+                   f"this change of its hparams: {err}")
 
 
 def _check_fallback(ch: Checks, key: str) -> None:

@@ -514,7 +514,7 @@ class Retry:
 
 
 # per-row flags of how a kept image was made, which follow the image through later retries
-FOLLOW_THE_IMAGE = ("localized", "refined")
+FOLLOW_THE_IMAGE = ("localized", "refined", "relaxed")
 
 
 def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBatch:
