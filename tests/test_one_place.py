@@ -55,7 +55,7 @@ def test_a_new_term_is_one_class_and_one_yaml(tmp_path, monkeypatch):
     # the engine sums it with its weight and logs it by name
     x, t = analytic.patch_queries(2)
     opts = InversionOptions(space="iso", lambda_sem=10.0, lr=1e-3, recon_steps=0, target_confidence=None,
-                            fallback=None, gate=None, stages=[Stage(["pixels"], 20, 3)], log_every=1,
+                            fallback=None, retry_hparams=(), gate=None, stages=[Stage(["pixels"], 20, 3)], log_every=1,
                             terms=[brightness])
     logged: list[dict] = []
     out = generate_counterfactuals(analytic.PatchReader(), x, t, prior="tv", options=opts, on_log=logged.append)

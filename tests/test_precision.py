@@ -37,7 +37,7 @@ def _queries(n: int = 3, size: int = 16):
 def _opts(precision: str) -> InversionOptions:
     return InversionOptions(space="iso", lambda_sem=1.0, lr=1e-3, recon_steps=60, psnr_target=30.0,
                             stages=[Stage(["out"], 60, 2), Stage(["all"], 60, 2)], gate=None,
-                            target_margin=0.2, target_confidence=None, fallback=None, precision=precision)
+                            target_margin=0.2, target_confidence=None, fallback=None, retry_hparams=(), precision=precision)
 
 
 def test_choices_are_checked_and_auto_follows_the_hardware(monkeypatch):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ from disc_pl.cf.losses import SemanticSpace
 from disc_pl.cf.objective import Term, check_objective, default_objective
 from disc_pl.errors import is_integer, is_number, require
 from disc_pl.utils import CONF_DIR
-from disc_pl.cf.priors import Prior
+from disc_pl.cf.priors import PRIORS, Prior
 from disc_pl.cf.search import (  # noqa: F401 (re-exported: the engine's API)
     PriorFactory, Retry, Search, Setting, _Renderer, _take_better, make_prior, retry)
 
@@ -172,7 +173,7 @@ class InversionOptions:
     # again by the same prior with these generator hyperparameters changed, one entry after the
     # other (e.g. the warp's smoothness lowered), before the fallback prior; a result replaces the
     # first where it flips or is more confident. Needs the prior by name or as a functools.partial.
-    retry_hparams: Sequence[Mapping] = ()
+    retry_hparams: Sequence[Mapping] = ({"alpha_smooth": 0.01},)
 
     def __post_init__(self) -> None:
         self._check()
@@ -380,9 +381,16 @@ def relaxed_prior(prior: str | Prior | PriorFactory, prior_hparams: Mapping | No
                   change: Mapping) -> tuple[str | PriorFactory, Mapping | None]:
     """``(prior, prior_hparams)`` of the same prior with the hyperparameters ``change`` changed: a
     prior by name takes them into its hparams, a ``functools.partial`` factory as new keywords."""
-    if isinstance(prior, str):
-        return prior, {**(prior_hparams or {}), **change}
-    if isinstance(prior, functools.partial):
+    if isinstance(prior, (str, functools.partial)):
+        cls = PRIORS.get(prior) if isinstance(prior, str) else prior.func
+        takes = set(inspect.signature(cls).parameters) if isinstance(cls, type) else None
+        if takes is not None and not set(change) <= takes:
+            raise ValueError(f"inversion retry_hparams={dict(change)} changes {sorted(set(change) - takes)}, not "
+                             f"parameters of {cls.__name__} (its: {sorted(takes - {'images', 'seeds'})}); the "
+                             "default InversionOptions are the warp's: for another prior use "
+                             "InversionOptions.for_prior(name) or retry_hparams=()")
+        if isinstance(prior, str):
+            return prior, {**(prior_hparams or {}), **change}
         return functools.partial(prior, **change), prior_hparams
     raise ValueError(f"inversion retry_hparams={[dict(h) for h in [change]]} needs the prior by name or as a "
                      f"functools.partial factory (prior.hparams with _partial_: true), got {type(prior).__name__}; "
