@@ -106,7 +106,8 @@ def test_the_engine_reports_where_each_step_stands():
     flips nothing, the ungated retry (a second pass, its steps counted from 1 again) flips all."""
     x, t = analytic.patch_queries(3)
     opts = InversionOptions(space="iso", lambda_sem=10.0, lr=1e-3, recon_steps=0, target_margin=0.2,
-                            target_confidence=None, fallback=None, retry_hparams=(), gate=GateOptions(lambda_area=50.0, fallback=True),
+                            target_confidence=None, fallback=None,
+                            retry_hparams=(), gate=GateOptions(lambda_area=50.0, fallback=True),
                             stages=[Stage(["pixels"], 30, 3), Stage(["pixels"], 30, 3)], log_every=1)
     logged: list[dict] = []
     out = generate_counterfactuals(analytic.PatchReader(), x, t, prior="tv", options=opts, on_log=logged.append)

@@ -24,7 +24,8 @@ SMALL_INR = dict(n_frequencies=64, sigma=3.0, first_omega0=3.0, hidden=64, depth
 
 
 def options(**kw) -> InversionOptions:
-    base = dict(lr=3e-3, recon_steps=150, psnr_target=30.0, target_margin=0.2, target_confidence=None, fallback=None, retry_hparams=(),
+    base = dict(lr=3e-3, recon_steps=150, psnr_target=30.0, target_margin=0.2, target_confidence=None, fallback=None,
+                retry_hparams=(),
                 lambda_sem=1.0, lambda_mc=1.0, gate=GateOptions(fallback=True),
                 stages=[Stage(["out"], 60, 5), Stage(["hidden1", "out"], 60, 5), Stage(["all"], 80, 5)])
     base.update(kw)
@@ -54,7 +55,8 @@ def _analytic_opts(prior: str, gate: bool, **kw) -> InversionOptions:
     schedule = ([Stage(["out"], 20, 3), Stage(["all"], 20, 3)] if prior == "inr"
                 else [Stage(["pixels"], 150, 3)])
     base = dict(space="iso", lambda_sem=10.0, lr=3e-3 if prior == "inr" else 1e-3, recon_steps=40 if prior == "inr" else 0,
-                psnr_target=30.0, target_margin=0.2, target_confidence=None, fallback=None, retry_hparams=(), stages=schedule,
+                psnr_target=30.0, target_margin=0.2, target_confidence=None, fallback=None,
+                retry_hparams=(), stages=schedule,
                 gate=GateOptions(lambda_area=50.0, fallback=True) if gate else None)
     base.update(kw)
     return InversionOptions(**base)
@@ -293,7 +295,8 @@ def _bar_and_grey():
     x[0, :, 10:22, 12:16] = 0.9
     x[0, :, 10:22, 16], x[0, :, 10:22, 17] = 0.6, 0.35
     warp = InversionOptions(space="iso", lambda_sem=1.0, lr=0.05, recon_steps=0, target_margin=0.2,
-                            target_confidence=None, fallback=None, retry_hparams=(), stages=[Stage(["flow"], 150, 3)], gate=None)
+                            target_confidence=None, fallback=None,
+                            retry_hparams=(), stages=[Stage(["flow"], 150, 3)], gate=None)
     return x, torch.ones(2, dtype=torch.long), warp
 
 

@@ -52,7 +52,8 @@ def _opts(grid: int) -> InversionOptions:
     # Adam moves every free pixel at the same rate, so the ungated change covers the image
     # evenly; the gate has to learn where to open before the query flips (small lr).
     return InversionOptions(space="iso", lambda_sem=10.0, lr=1e-3, recon_steps=0, target_margin=0.2,
-                            target_confidence=None, fallback=None, retry_hparams=(), stages=[Stage(["pixels"], 300, 5)], gate=_gate(grid))
+                            target_confidence=None, fallback=None,
+                            retry_hparams=(), stages=[Stage(["pixels"], 300, 5)], gate=_gate(grid))
 
 
 def test_gate_moves_the_change_onto_the_evidence(patch_queries):
@@ -76,7 +77,8 @@ def test_gate_localizes_inr_dep_counterfactuals_on_the_mouth(faces, toy_classifi
     results = {}
     for grid in (0, 8):
         opts = InversionOptions(lr=3e-3, recon_steps=150, psnr_target=30.0, target_margin=0.2,
-                                target_confidence=None, fallback=None, retry_hparams=(), lambda_sem=1.0, lambda_mc=0.3, gate=_gate(grid),
+                                target_confidence=None, fallback=None,
+                                retry_hparams=(), lambda_sem=1.0, lambda_mc=0.3, gate=_gate(grid),
                                 stages=[Stage(["out"], 60, 5), Stage(["hidden1", "out"], 60, 5),
                                         Stage(["all"], 80, 5)])
         out = generate_counterfactuals(toy_classifier, images, targets, prior="inr", prior_hparams=SMALL_INR,

@@ -94,7 +94,8 @@ def _mixed_queries():
 
 def _strict(**kw) -> InversionOptions:
     base = dict(space="iso", lambda_sem=10.0, lr=1e-3, recon_steps=0, target_margin=0.2, target_confidence=None,
-                fallback=None, retry_hparams=(), stages=[Stage(["pixels"], 60, 5)], gate=GateOptions(lambda_area=500.0, fallback=True))
+                fallback=None,
+                retry_hparams=(), stages=[Stage(["pixels"], 60, 5)], gate=GateOptions(lambda_area=500.0, fallback=True))
     base.update(kw)
     return InversionOptions(**base)
 

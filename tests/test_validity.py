@@ -375,7 +375,8 @@ def test_eot_objective_runs_and_status_matches_the_unviewed_image(toy_classifier
     images, targets, _ = toy_queries
     from disc_pl.cf.objective import EOTTerm
 
-    opts = InversionOptions(lr=3e-3, recon_steps=0, target_margin=0.2, target_confidence=None, fallback=None, retry_hparams=(),
+    opts = InversionOptions(lr=3e-3, recon_steps=0, target_margin=0.2, target_confidence=None, fallback=None,
+                            retry_hparams=(),
                             lambda_sem=1.0, gate=None, terms=[EOTTerm(views=2)],
                             stages=[Stage(["all"], 20, 5)])
     out = generate_counterfactuals(toy_classifier, images[:2], targets[:2], prior="tv", options=opts)
