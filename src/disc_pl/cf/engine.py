@@ -28,9 +28,12 @@ How a batch is optimised (SPEC sections 2-5):
    when its loss becomes non-finite (``diverged``: isolated, the batch goes on).
 4. The best valid iterate (lowest pixel MSE to the query among flipped ones) is kept; a query
    that never flips returns its best attempt (highest target probability), ``not_flipped``.
-5. With ``options.fallback`` (a ``PriorFallback``; not in the paper) the queries still not
-   flipped are optimised again from scratch by a second prior (e.g. a deformation prior, which
-   can only move pixels, falls back to the INR for the queries that need new ones).
+5. With ``options.retry_hparams`` (not in the paper) the queries still not flipped (or flipped
+   below the fallback's ``below``) are optimised again by the same prior with some of its
+   hyperparameters changed, one change after the other (the warp: a smooth field first, a
+   rough one where it fails). With ``options.fallback`` (a ``PriorFallback``; not in the paper)
+   those still left are optimised again from scratch by a second prior (e.g. a deformation
+   prior, which can only move pixels, falls back to the INR for the queries that need new ones).
 """
 from __future__ import annotations
 
