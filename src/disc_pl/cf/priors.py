@@ -505,20 +505,20 @@ class WarpPrior(Prior):
 
     def __init__(self, images: Tensor, seeds: Sequence[int], grid: int = 16, alpha_smooth: float = 3.0,
                  alpha_mag: float = 0.0, alpha_l1: float = 0.0, max_shift: float | None = None,
-                 grad_blur: float | None = None, alpha_bend: float = 0.0) -> None:
+                 grad_blur: float | None = None) -> None:
         super().__init__(images, seeds)
         if not (is_integer(grid) and 2 <= int(grid)):
             raise ValueError(f"grid must be an integer >= 2 (control points per side), got {grid!r}")
-        if not (alpha_smooth >= 0 and alpha_mag >= 0 and alpha_l1 >= 0 and alpha_bend >= 0):
-            raise ValueError(f"alpha_smooth, alpha_mag, alpha_l1 and alpha_bend must be >= 0, got {alpha_smooth!r}, "
-                             f"{alpha_mag!r}, {alpha_l1!r}, {alpha_bend!r}")
+        if not (alpha_smooth >= 0 and alpha_mag >= 0 and alpha_l1 >= 0):
+            raise ValueError(f"alpha_smooth, alpha_mag and alpha_l1 must be >= 0, got {alpha_smooth!r}, "
+                             f"{alpha_mag!r}, {alpha_l1!r}")
         if max_shift is not None and not max_shift > 0:
             raise ValueError(f"max_shift must be > 0 pixels or null, got {max_shift!r}")
         if grad_blur is not None and not grad_blur > 0:
             raise ValueError(f"grad_blur must be > 0 pixels (the blur the displacement's gradient is taken from) "
                              f"or null, got {grad_blur!r}")
         self.grid, self.alpha_smooth, self.alpha_mag = int(grid), float(alpha_smooth), float(alpha_mag)
-        self.alpha_l1, self.alpha_bend = float(alpha_l1), float(alpha_bend)
+        self.alpha_l1 = float(alpha_l1)
         self.max_shift = None if max_shift is None else float(max_shift)
         b, _, h, w = images.shape
         self.flow = nn.Parameter(images.new_zeros(b, 2, self.grid, self.grid))  # (dx, dy) in pixels
@@ -571,23 +571,8 @@ class WarpPrior(Prior):
         f = self._field(idx)
         smooth = ((f[:, :, 1:, :] - f[:, :, :-1, :]).square().flatten(1).mean(1)
                   + (f[:, :, :, 1:] - f[:, :, :, :-1]).square().flatten(1).mean(1))
-        out = (self.alpha_smooth * smooth + self.alpha_mag * f.square().flatten(1).mean(1)
-               + self.alpha_l1 * f.abs().flatten(1).mean(1))
-        if self.alpha_bend:
-            out = out + self.alpha_bend * bending(f)
-        return out
-
-
-def bending(f: Tensor) -> Tensor:
-    """Per row of control-point fields ``f [b, 2, g, g]``: the mean squared second differences
-    along each axis plus twice the mean squared mixed difference (a discrete thin-plate bending
-    energy, px^2). Zero for any affine field; a smooth curve (a parabola) costs its constant
-    curvature, a kink or a tear much more."""
-    dyy = f[:, :, 2:, :] - 2 * f[:, :, 1:-1, :] + f[:, :, :-2, :]
-    dxx = f[:, :, :, 2:] - 2 * f[:, :, :, 1:-1] + f[:, :, :, :-2]
-    dxy = f[:, :, 1:, 1:] - f[:, :, 1:, :-1] - f[:, :, :-1, 1:] + f[:, :, :-1, :-1]
-    return (dyy.square().flatten(1).mean(1) + dxx.square().flatten(1).mean(1)
-            + 2 * dxy.square().flatten(1).mean(1))
+        return (self.alpha_smooth * smooth + self.alpha_mag * f.square().flatten(1).mean(1)
+                + self.alpha_l1 * f.abs().flatten(1).mean(1))
 
 
 PRIORS: dict[str, type[Prior]] = {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior, "warp": WarpPrior}
