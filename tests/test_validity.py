@@ -503,3 +503,18 @@ def test_change_tv_term_equals_the_hand_computed_total_variation_of_the_change()
     torch.testing.assert_close(ChangeTVTerm()(step, None), torch.tensor([2 * 0.3 / 6 + 2 * 0.3 / 6, 0.0]))
     assert "change_tv" in [t.name for t in default_objective(InversionOptions(terms=[ChangeTVTerm(1.0)]))]
     assert "change_tv" not in [t.name for t in default_objective(InversionOptions())]
+
+
+def test_gate_sharp_term_is_zero_for_a_decided_gate_and_one_where_it_is_half_open():
+    from disc_pl.cf.objective import GateSharpTerm, Step
+
+    q = torch.zeros(3, 1, 2, 2)
+    mask = torch.stack([torch.tensor([[0.0, 1.0], [1.0, 0.0]]),     # decided: shut or open
+                        torch.full((2, 2), 0.5),                     # half open everywhere
+                        torch.tensor([[0.25, 0.0], [0.0, 0.0]])])[:, None]  # 4 * 0.25 * 0.75 on one pixel of 4
+
+    def step(m):
+        return Step(x=q, logits=torch.zeros(3, 2), feats=[], query=q, source=torch.zeros(3, dtype=torch.long),
+                    target=torch.ones(3, dtype=torch.long), idx=torch.arange(3), prior=None, mask=m)
+    torch.testing.assert_close(GateSharpTerm()(step(mask), None), torch.tensor([0.0, 1.0, 0.75 / 4]))
+    torch.testing.assert_close(GateSharpTerm()(step(None), None), torch.zeros(3))  # no gate, no cost

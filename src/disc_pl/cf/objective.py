@@ -282,6 +282,25 @@ class ChangeL1Term(Term):
         return (step.x.float() - step.query.float()).abs().flatten(1).mean(1)
 
 
+class GateSharpTerm(Term):
+    """A decided gate (not in the paper): mean 4 m (1 - m) over the pixels, 1 where the gate is
+    half open and 0 where it is shut or open. A half-open gate blends the query with the prior's
+    image (x' = x + m (G - x)): with a deformation prior that is the old mouth and the bent one
+    laid over each other, a ghost the classifier may accept. This term asks the gate to decide, so
+    the prior has to draw the edit itself. Zeros without the gate."""
+
+    name = "gate_sharp"
+
+    def __init__(self, weight: float = 10.0) -> None:  # conf/term/gate_sharp.yaml
+        super().__init__(weight)
+
+    def __call__(self, step, state):
+        if step.mask is None:
+            return torch.zeros(step.x.shape[0], device=step.x.device, dtype=step.x.dtype)
+        m = step.mask.float()
+        return (4 * m * (1 - m)).flatten(1).mean(1)
+
+
 class PriorTerm(Term):
     """The prior's own regulariser (TV + L2 for tv; zeros for the network priors)."""
 
