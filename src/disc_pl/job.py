@@ -223,18 +223,13 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     # queries left unflipped with the gate's closest attempt (no ungated retry replaced it)
     if any(isinstance(r.get("localized"), bool) for r in rows):
         out["cf/n_not_flipped_localized"] = sum(r["status"] == "not_flipped" and r["localized"] is True for r in rows)
-    # share of the flipped counterfactuals made by the fallback prior (prior.fallback)
-    by_fallback = [r for r in rows if r["flipped"] and isinstance(r.get("fallback"), bool)]  # "" without one
-    if by_fallback:
-        out["cf/fallback_rate"] = sum(r["fallback"] for r in by_fallback) / len(by_fallback)
-    # share of the flipped counterfactuals from a search confined to their main region (prior.refine)
-    by_refined = [r for r in rows if r["flipped"] and isinstance(r.get("refined"), bool)]
-    if by_refined:
-        out["cf/refined_rate"] = sum(r["refined"] for r in by_refined) / len(by_refined)
-    # share of the flipped counterfactuals made by the prior's relaxation (prior.retry_hparams)
-    by_relaxed = [r for r in rows if r["flipped"] and isinstance(r.get("relaxed"), bool)]
-    if by_relaxed:
-        out["cf/relaxed_rate"] = sum(r["relaxed"] for r in by_relaxed) / len(by_relaxed)
+    # share of the flipped counterfactuals made by the fallback prior (prior.fallback), by a search
+    # confined to their main region (prior.refine) and by the prior's relaxation (prior.retry_hparams);
+    # a column is "" where that second search cannot run
+    for flag in ("fallback", "refined", "relaxed"):
+        made = [r[flag] for r in rows if r["flipped"] and isinstance(r.get(flag), bool)]
+        if made:
+            out[f"cf/{flag}_rate"] = sum(made) / len(made)
     flipped_rows = [r for r in rows if r["status"] == "flipped"]
     for key in (*FLIPPED_FIGURES, *ALL_FIGURES):
         among = flipped_rows if key in FLIPPED_FIGURES else rows

@@ -97,9 +97,7 @@ class PriorFallback:
 
     def rows(self, out: CounterfactualBatch) -> list[int]:
         """The queries of a first run ``out`` the fallback runs for."""
-        below = self.below
-        return [i for i, s in enumerate(out.status)
-                if s == NOT_FLIPPED or (below is not None and s == FLIPPED and float(out.target_prob[i]) < below)]
+        return unflipped_or_weak(out, self.below)
 
     def options_for(self, first: "InversionOptions") -> "InversionOptions":
         """The options of the fallback's run after a first run with ``first``."""
@@ -108,6 +106,13 @@ class PriorFallback:
         if not isinstance(self.prior, str):
             raise ValueError("a PriorFallback with a generator factory needs its options")
         return dataclasses.replace(first, **prior_schedule(prior_config(self.prior)), fallback=None)
+
+
+def unflipped_or_weak(out: CounterfactualBatch, below: float | None) -> list[int]:
+    """The rows of ``out`` not flipped, or flipped with a target probability under ``below``
+    (None: only those not flipped): what the relaxations and the fallback prior search again."""
+    return [i for i, s in enumerate(out.status)
+            if s == NOT_FLIPPED or (below is not None and s == FLIPPED and float(out.target_prob[i]) < below)]
 
 
 DEFAULT_FALLBACK_BELOW = 0.95  # conf/prior/warp.yaml's fallback_below
@@ -384,20 +389,20 @@ def relaxed_prior(prior: str | Prior | PriorFactory, prior_hparams: Mapping | No
                   change: Mapping) -> tuple[str | PriorFactory, Mapping | None]:
     """``(prior, prior_hparams)`` of the same prior with the hyperparameters ``change`` changed: a
     prior by name takes them into its hparams, a ``functools.partial`` factory as new keywords."""
-    if isinstance(prior, (str, functools.partial)):
-        cls = PRIORS.get(prior) if isinstance(prior, str) else prior.func
-        takes = set(inspect.signature(cls).parameters) if isinstance(cls, type) else None
-        if takes is not None and not set(change) <= takes:
-            raise ValueError(f"inversion retry_hparams={dict(change)} changes {sorted(set(change) - takes)}, not "
-                             f"parameters of {cls.__name__} (its: {sorted(takes - {'images', 'seeds'})}); the "
-                             "default InversionOptions are the warp's: for another prior use "
-                             "InversionOptions.for_prior(name) or retry_hparams=()")
-        if isinstance(prior, str):
-            return prior, {**(prior_hparams or {}), **change}
-        return functools.partial(prior, **change), prior_hparams
-    raise ValueError(f"inversion retry_hparams={[dict(h) for h in [change]]} needs the prior by name or as a "
-                     f"functools.partial factory (prior.hparams with _partial_: true), got {type(prior).__name__}; "
-                     "set retry_hparams=() for this prior")
+    if not isinstance(prior, (str, functools.partial)):
+        raise ValueError(f"inversion retry_hparams={dict(change)} needs the prior by name or as a functools.partial "
+                         f"factory (prior.hparams with _partial_: true), got {type(prior).__name__}; set "
+                         "retry_hparams=() for this prior")
+    cls = PRIORS.get(prior) if isinstance(prior, str) else prior.func  # an unknown name: make_prior says so
+    takes = set(inspect.signature(cls).parameters) if isinstance(cls, type) else set(change)
+    if not set(change) <= takes:
+        raise ValueError(f"inversion retry_hparams={dict(change)} changes {sorted(set(change) - takes)}, not "
+                         f"parameters of {cls.__name__} (its: {sorted(takes - {'images', 'seeds'})}); the "
+                         "default InversionOptions are the warp's: for another prior use "
+                         "InversionOptions.for_prior(name) or retry_hparams=()")
+    if isinstance(prior, str):
+        return prior, {**(prior_hparams or {}), **change}
+    return functools.partial(prior, **change), prior_hparams
 
 
 def _relaxed_retry(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],
@@ -410,10 +415,6 @@ def _relaxed_retry(classifier: nn.Module, images: Tensor, targets: Tensor, seeds
     below = opts.fallback.below if opts.fallback is not None else None
     options = dataclasses.replace(opts, fallback=None, retry_hparams=())
 
-    def rows(out: CounterfactualBatch) -> list[int]:
-        return [i for i, s in enumerate(out.status)
-                if s == NOT_FLIPPED or (below is not None and s == FLIPPED and float(out.target_prob[i]) < below)]
-
     def search(on_rows: list[int]) -> CounterfactualBatch:
         on = torch.tensor(on_rows).to(images.device)
         return generate_counterfactuals(
@@ -421,7 +422,7 @@ def _relaxed_retry(classifier: nn.Module, images: Tensor, targets: Tensor, seeds
             options=options, objective=objective, seeds=[seeds[i] for i in on_rows], on_log=setting.on_log)
 
     name = ", ".join(f"{k}={v}" for k, v in change.items())
-    return Retry(f"the prior with {name}", search, flag="relaxed", select=rows)
+    return Retry(f"the prior with {name}", search, flag="relaxed", select=lambda out: unflipped_or_weak(out, below))
 
 
 def _prior_fallback(classifier: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],
