@@ -10,7 +10,7 @@ from torch import nn
 
 from disc_pl.cf.gate import GateOptions
 from disc_pl.cf.objective import default_objective
-from disc_pl.cf.engine import InversionOptions
+from disc_pl.cf.engine import InversionOptions, PriorFallback
 from disc_pl.cf.losses import (DEP, DUQ, DEPManifold, DUQManifold, LatentSpace, NoManifold, PixelSpace,
                                SurrogateManifold, Surrogates)
 from disc_pl.errors import ConfigError
@@ -67,13 +67,19 @@ def test_prior_fallback_runs_with_the_fallback_priors_own_schedule_and_the_rest_
     assert other.name == "dip" and other.options.lr == compose_cfg(["prior=dip"]).prior.lr
 
 
-def test_the_semantic_weight_defaults_to_the_priors_and_reaches_its_fallback():
+def test_the_semantic_weight_defaults_to_the_priors_own_and_the_fallback_keeps_its_own():
     """lambda1 = space.lambda_sem, whose default is the prior's prior.lambda_sem (warp: 0.6; the
-    others have none: 1.0); set on the command line it wins, for the run and its fallback's."""
-    assert inversion_options(compose_cfg(["prior=warp"]))[0].lambda_sem == 0.6
-    assert inversion_options(compose_cfg(["prior=warp", "prior.lambda_sem=0.25"]))[0].lambda_sem == 0.25
+    others have none: 1.0). The fallback prior runs with its own (the INR: 1.0), not the warp's;
+    set on the command line, space.lambda_sem wins for the run and its fallback's."""
+    options, _ = inversion_options(compose_cfg(["prior=warp"]))
+    assert options.lambda_sem == 0.6 and options.fallback.options.lambda_sem == 1.0
+    options, _ = inversion_options(compose_cfg(["prior=warp", "prior.lambda_sem=0.25"]))
+    assert options.lambda_sem == 0.25 and options.fallback.options.lambda_sem == 1.0
+    assert inversion_options(compose_cfg(["prior=warp", "+prior.fallback.lambda_sem=3.0"]))[0].fallback.options.lambda_sem == 3.0
     options, _ = inversion_options(compose_cfg(["prior=warp", "space.lambda_sem=2.0"]))
     assert options.lambda_sem == 2.0 and options.fallback.options.lambda_sem == 2.0
+    programmatic = PriorFallback("inr", below=0.95).options_for(InversionOptions(lambda_sem=0.6))
+    assert programmatic.lambda_sem == 1.0 and programmatic.lr == compose_cfg(["prior=inr"]).prior.lr
     assert inversion_options(compose_cfg(["prior=inr"]))[0].lambda_sem == 1.0
     assert inversion_options(compose_cfg(["prior=inr", "space=iso"]))[0].lambda_sem == 1.0
 

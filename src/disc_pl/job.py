@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from disc_pl import tracking
 from disc_pl.errors import ConfigError
-from disc_pl.cf.engine import InversionOptions, PriorFallback, prior_schedule
+from disc_pl.cf.engine import InversionOptions, PriorFallback, fallback_lambda_sem, prior_schedule
 from disc_pl.cf.losses import Manifold, RobustManifoldLoss, SurrogateManifold, Surrogates
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
 from disc_pl.cf.progress import QueryProgress
@@ -67,10 +67,15 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
                                lambda_sem=space.lambda_sem, lambda_mc=manifold.lambda_mc,
                                gate=instantiate(cfg.localize), terms=optional_terms(cfg), fallback=None)
     fallback = cfg.prior.get("fallback")
-    if fallback is not None:  # its own schedule and generator, the rest of the options as this prior's
+    if fallback is not None:  # its own schedule, generator and lambda1, the rest of the options as this prior's
+        # lambda1: the fallback prior's own (its lambda_sem, else 1), unless space.lambda_sem is set
+        # for the run (then both); the warp's 0.6 is a weight for moved pixels, not for drawn ones
+        own = OmegaConf.is_interpolation(cfg.space, "lambda_sem")
         options = dataclasses.replace(options, fallback=PriorFallback(
             prior=instantiate(fallback.hparams), name=str(fallback.name), below=cfg.prior.get("fallback_below"),
-            options=dataclasses.replace(options, **prior_schedule(fallback, inv.steps_per_stage, inv.min_steps))))
+            options=dataclasses.replace(
+                options, lambda_sem=fallback_lambda_sem(fallback) if own else options.lambda_sem,
+                **prior_schedule(fallback, inv.steps_per_stage, inv.min_steps))))
     return options, instantiate(cfg.prior.hparams)
 
 

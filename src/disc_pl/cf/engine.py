@@ -78,7 +78,8 @@ class PriorFallback:
     """A second prior for the queries the first one does not flip (``prior.fallback``): the
     generator (a prior name + ``prior_hparams``, or a factory ``(images, seeds) -> Prior``) and
     the options of its run. ``options`` None (a prior given by name): the first prior's options
-    with conf/prior/<name>.yaml's schedule (lr, stages, reconstruction)."""
+    with conf/prior/<name>.yaml's schedule (lr, stages, reconstruction) and lambda1
+    (``fallback_lambda_sem``)."""
 
     prior: str | Callable[[Tensor, Sequence[int]], Prior]
     options: "InversionOptions | None" = None
@@ -105,7 +106,16 @@ class PriorFallback:
             return self.options
         if not isinstance(self.prior, str):
             raise ValueError("a PriorFallback with a generator factory needs its options")
-        return dataclasses.replace(first, **prior_schedule(prior_config(self.prior)), fallback=None)
+        config = prior_config(self.prior)
+        return dataclasses.replace(first, **prior_schedule(config), lambda_sem=fallback_lambda_sem(config), fallback=None)
+
+
+def fallback_lambda_sem(prior: Mapping) -> float:
+    """lambda1 of a fallback prior's run: its config's ``lambda_sem``, else 1 (as ``space.lambda_sem``
+    defaults to a prior's own). The first prior's weight does not carry over: the warp's 0.6 is
+    for a change of moved pixels, and the INR fallback with it drew a change twice as large
+    (issue 27, seventh session)."""
+    return float(prior.get("lambda_sem", 1.0))
 
 
 def unflipped_or_weak(out: CounterfactualBatch, below: float | None) -> list[int]:
