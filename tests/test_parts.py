@@ -75,7 +75,8 @@ def test_the_semantic_weight_defaults_to_the_priors_own_and_the_fallback_keeps_i
     assert options.lambda_sem == 0.6 and options.fallback.options.lambda_sem == 1.0
     options, _ = inversion_options(compose_cfg(["prior=warp", "prior.lambda_sem=0.25"]))
     assert options.lambda_sem == 0.25 and options.fallback.options.lambda_sem == 1.0
-    assert inversion_options(compose_cfg(["prior=warp", "+prior.fallback.lambda_sem=3.0"]))[0].fallback.options.lambda_sem == 3.0
+    own = inversion_options(compose_cfg(["prior=warp", "+prior.fallback.lambda_sem=3.0"]))[0]
+    assert own.fallback.options.lambda_sem == 3.0
     options, _ = inversion_options(compose_cfg(["prior=warp", "space.lambda_sem=2.0"]))
     assert options.lambda_sem == 2.0 and options.fallback.options.lambda_sem == 2.0
     programmatic = PriorFallback("inr", below=0.95).options_for(InversionOptions(lambda_sem=0.6))
