@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from disc_pl import tracking
 from disc_pl.errors import ConfigError
-from disc_pl.cf.engine import InversionOptions, PriorFallback, fallback_lambda_sem, prior_schedule
+from disc_pl.cf.engine import InversionOptions, PriorFallback, prior_lambda_sem, prior_schedule
 from disc_pl.cf.losses import Manifold, RobustManifoldLoss, SurrogateManifold, Surrogates
 from disc_pl.cf.module import CounterfactualWriter, InversionModule, QueryDataset
 from disc_pl.cf.progress import QueryProgress
@@ -74,7 +74,7 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
         options = dataclasses.replace(options, fallback=PriorFallback(
             prior=instantiate(fallback.hparams), name=str(fallback.name), below=cfg.prior.get("fallback_below"),
             options=dataclasses.replace(
-                options, lambda_sem=fallback_lambda_sem(fallback) if own else options.lambda_sem,
+                options, lambda_sem=prior_lambda_sem(fallback) if own else options.lambda_sem,
                 **prior_schedule(fallback, inv.steps_per_stage, inv.min_steps))))
     return options, instantiate(cfg.prior.hparams)
 

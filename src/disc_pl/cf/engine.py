@@ -79,7 +79,7 @@ class PriorFallback:
     generator (a prior name + ``prior_hparams``, or a factory ``(images, seeds) -> Prior``) and
     the options of its run. ``options`` None (a prior given by name): the first prior's options
     with conf/prior/<name>.yaml's schedule (lr, stages, reconstruction) and lambda1
-    (``fallback_lambda_sem``)."""
+    (``prior_lambda_sem``)."""
 
     prior: str | Callable[[Tensor, Sequence[int]], Prior]
     options: "InversionOptions | None" = None
@@ -107,14 +107,13 @@ class PriorFallback:
         if not isinstance(self.prior, str):
             raise ValueError("a PriorFallback with a generator factory needs its options")
         config = prior_config(self.prior)
-        return dataclasses.replace(first, **prior_schedule(config), lambda_sem=fallback_lambda_sem(config), fallback=None)
+        return dataclasses.replace(first, **prior_schedule(config), lambda_sem=prior_lambda_sem(config), fallback=None)
 
 
-def fallback_lambda_sem(prior: Mapping) -> float:
-    """lambda1 of a fallback prior's run: its config's ``lambda_sem``, else 1 (as ``space.lambda_sem``
-    defaults to a prior's own). The first prior's weight does not carry over: the warp's 0.6 is
-    for a change of moved pixels, and the INR fallback with it drew a change twice as large
-    (issue 27, seventh session)."""
+def prior_lambda_sem(prior: Mapping) -> float:
+    """A prior's own lambda1: its config's ``lambda_sem``, else 1 (``space.lambda_sem``'s default
+    rule). A fallback prior runs with its own, not the first prior's: the warp's 0.6 is a weight
+    for a change of moved pixels (issue 27, seventh session)."""
     return float(prior.get("lambda_sem", 1.0))
 
 
@@ -265,7 +264,7 @@ class InversionOptions:
         fallback = prior.get("fallback")
         kw.setdefault("fallback", None if fallback is None else PriorFallback(
             str(fallback.name), name=str(fallback.name), below=prior.get("fallback_below")))
-        kw.setdefault("lambda_sem", float(prior.lambda_sem) if "lambda_sem" in prior else 1.0)  # as space.lambda_sem
+        kw.setdefault("lambda_sem", prior_lambda_sem(prior))  # as space.lambda_sem
         return cls(**{**prior_schedule(prior), **kw})
 
 
