@@ -50,6 +50,28 @@ def test_take_better_replaces_only_where_the_retry_flipped_or_came_closer():
     assert out.seconds.tolist() == [102.0, 1.0, 102.0, 102.0, 102.0]
 
 
+def test_take_better_keeps_a_first_flip_much_smaller_than_the_retrys_however_confident():
+    """``smaller=0.5``: a first flip whose change to the query is below half the retry's stays,
+    however much more confident the retry's flip; a larger first flip, or a first attempt that did
+    not flip, is replaced as without it."""
+    query = torch.zeros(4, 1, 2, 2, dtype=torch.float64)
+    out = _batch(["flipped", "flipped", "flipped", "not_flipped"], [0.6, 0.6, 0.6, 0.3], 0.0)
+    out.images[:] = torch.tensor([1.0, 1.0, 1.0, 1.0]).view(4, 1, 1, 1)  # changes 1 (squared)
+    again = _batch(["flipped"] * 4, [0.99] * 4, 0.0)
+    # the retry's changes: 4 (the first is under half: stays), 1.5 (not: replaced), 4 but not
+    # flipped on row 2 (replaced only by a flip), 0.25 where the first did not flip
+    again.images[:] = torch.tensor([2.0, 1.5 ** 0.5, 2.0, 0.5]).view(4, 1, 1, 1)
+    again.status[2] = "not_flipped"
+    take, src = _take_better(out, [0, 1, 2, 3], again, smaller=0.5, query=query)
+    assert take.tolist() == [1, 3] and src.tolist() == [1, 3]
+    assert out.target_prob.tolist() == [0.6, 0.99, 0.6, 0.99]
+    # without it, the more confident flips replace rows 0 and 1
+    out = _batch(["flipped", "flipped", "flipped", "not_flipped"], [0.6, 0.6, 0.6, 0.3], 0.0)
+    assert _take_better(out, [0, 1, 2, 3], again)[0].tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match="smaller"):
+        _take_better(out, [0], again.rows([0]), smaller=0.5)  # no query images to measure the change
+
+
 def test_retry_plans_run_in_order_on_the_rows_still_not_flipped():
     out = _batch(["not_flipped", "flipped", "not_flipped", "not_flipped"], [0.3, 0.9, 0.3, 0.3], 0.0,
                  localized=torch.ones(4, dtype=torch.bool))

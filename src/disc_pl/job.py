@@ -73,7 +73,7 @@ def inversion_options(cfg: DictConfig, manifold: Manifold | None = None) -> tupl
         own = OmegaConf.is_interpolation(cfg.space, "lambda_sem")
         options = dataclasses.replace(options, fallback=PriorFallback(
             prior=instantiate(fallback.hparams), name=str(fallback.name), below=cfg.prior.get("fallback_below"),
-            options=dataclasses.replace(
+            keep_smaller=cfg.prior.get("fallback_keep_smaller"), options=dataclasses.replace(
                 options, lambda_sem=prior_lambda_sem(fallback) if own else options.lambda_sem,
                 **prior_schedule(fallback, inv.steps_per_stage, inv.min_steps))))
     return options, instantiate(cfg.prior.hparams)

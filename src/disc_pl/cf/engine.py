@@ -90,11 +90,18 @@ class PriorFallback:
     # colour a deformation has nowhere to take from); the more confident flipped result is kept.
     # None: only the queries not flipped (conf/prior/warp.yaml's fallback_below).
     below: float | None = None
+    # Of a first prior's weak flip and the fallback's flip, the weak one stays where its change (mean
+    # squared) is below this fraction of the fallback's (a much smaller edit); None: the more
+    # confident is kept (conf/prior/warp.yaml's fallback_keep_smaller).
+    keep_smaller: float | None = None
 
     def __post_init__(self) -> None:
         require("prior", [("fallback_below", self.below, self.below is None or (is_number(self.below, 0)
                                                                                 and self.below <= 1),
-                           "must be a probability in [0, 1] or null")])
+                           "must be a probability in [0, 1] or null"),
+                          ("fallback_keep_smaller", self.keep_smaller, self.keep_smaller is None
+                           or is_number(self.keep_smaller, 0, low_open=True),
+                           "must be a number > 0 (a fraction of the fallback's change) or null")])
 
     def rows(self, out: CounterfactualBatch) -> list[int]:
         """The queries of a first run ``out`` the fallback runs for."""
@@ -263,7 +270,8 @@ class InversionOptions:
         prior = prior_config(name)
         fallback = prior.get("fallback")
         kw.setdefault("fallback", None if fallback is None else PriorFallback(
-            str(fallback.name), name=str(fallback.name), below=prior.get("fallback_below")))
+            str(fallback.name), name=str(fallback.name), below=prior.get("fallback_below"),
+            keep_smaller=prior.get("fallback_keep_smaller")))
         kw.setdefault("lambda_sem", prior_lambda_sem(prior))  # as space.lambda_sem
         return cls(**{**prior_schedule(prior), **kw})
 
@@ -450,4 +458,5 @@ def _prior_fallback(classifier: nn.Module, images: Tensor, targets: Tensor, seed
             manifold=setting.manifold, options=options, objective=objective,
             seeds=[seeds[i] for i in rows], on_log=setting.on_log)
 
-    return Retry(fb.name or "fallback prior", search, flag="fallback", select=fb.rows)
+    return Retry(fb.name or "fallback prior", search, flag="fallback", select=fb.rows,
+                 smaller=fb.keep_smaller, query=images)

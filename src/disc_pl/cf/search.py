@@ -511,6 +511,10 @@ class Retry:
     # which result is kept (``_take_better``): "better" (a flip over none, a closer attempt, a
     # more confident flip) or "flipped" (the retry's wherever it flipped)
     keep: str = "better"
+    # with keep="better": of two flips, the first stays where its change (mean squared, to
+    # ``query``: the batch's query images) is below ``smaller`` x the retry's, however confident
+    smaller: float | None = None
+    query: Tensor | None = None
 
 
 # per-row flags of how a kept image was made, which follow the image through later retries
@@ -529,7 +533,7 @@ def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBat
         if not redo:
             continue
         again = plan.search(redo)
-        take, src = _take_better(out, redo, again, plan.keep)
+        take, src = _take_better(out, redo, again, plan.keep, plan.smaller, plan.query)
         if plan.flag is not None:
             getattr(out, plan.flag)[take] = True
         for name in FOLLOW_THE_IMAGE:  # a replaced row takes the retry's (False where it has none)
@@ -544,25 +548,38 @@ def retry(out: CounterfactualBatch, plans: Sequence[Retry]) -> CounterfactualBat
 
 
 def _take_better(out: CounterfactualBatch, redo: Sequence[int],
-                 again: CounterfactualBatch, keep: str = "better") -> tuple[Tensor, Tensor]:
+                 again: CounterfactualBatch, keep: str = "better", smaller: float | None = None,
+                 query: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Merge a second search over the rows ``redo`` of ``out`` into ``out``: its result replaces
     a first attempt that did not flip where it flipped, or where neither flipped and it came
     closer (higher target probability); a first attempt that flipped, where it flipped too with
     a higher target probability. ``keep="flipped"``: its result replaces the first wherever it
-    flipped. Steps and seconds of both are counted. Returns the rows replaced (of ``out``) and
-    where they are in ``again``."""
+    flipped. ``smaller``: a first flip stays where its mean squared change to ``query`` (the
+    batch's query images) is below ``smaller`` x the retry's, however confident the retry's flip
+    (a much smaller edit is the more minimal counterfactual). Steps and seconds of both are
+    counted. Returns the rows replaced (of ``out``) and where they are in ``again``."""
     rows = torch.tensor(list(redo), dtype=torch.long)
 
-    def better_than_first(s: str, p: Tensor, i: int) -> bool:
+    if keep not in ("better", "flipped") or (smaller is not None and (query is None or not smaller > 0)):
+        raise ValueError(f"keep must be 'better' or 'flipped' and smaller None or > 0 with the query images; got "
+                         f"keep={keep!r}, smaller={smaller!r}, query {'given' if query is not None else 'None'}")
+
+    def change(x: Tensor, q: Tensor) -> Tensor:
+        return (x.float() - q.float().to(x.device)).square().mean()
+
+    def better_than_first(s: str, p: Tensor, i: int, j: int) -> bool:
         if keep == "flipped":
             return s == FLIPPED
         closer = float(p) > float(out.target_prob[i])
+        if out.status[i] == FLIPPED and smaller is not None and s == FLIPPED:
+            if change(out.images[i], query[i]) < smaller * change(again.images[j], query[i]):
+                return False
         if out.status[i] == FLIPPED:
             return s == FLIPPED and closer
         return s == FLIPPED or (s == NOT_FLIPPED and closer)
 
-    better = torch.tensor([better_than_first(s, p, i) for s, p, i in zip(again.status, again.target_prob, redo)],
-                          dtype=torch.bool)
+    better = torch.tensor([better_than_first(s, p, i, j)
+                           for j, (s, p, i) in enumerate(zip(again.status, again.target_prob, redo))], dtype=torch.bool)
     take, src = rows[better], torch.arange(len(redo))[better]
     for name in ("images", "target_prob", "prediction", "recon_psnr"):
         getattr(out, name)[take] = getattr(again, name)[src]
