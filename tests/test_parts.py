@@ -48,11 +48,15 @@ def test_prior_fallback_runs_with_the_fallback_priors_own_schedule_and_the_rest_
     stages and generator are the INR's, overridable on the command line (prior.fallback.lr);
     every other option (gate, lambdas, confidence) is the run's; prior.fallback=null: None."""
     cfg = compose_cfg(["prior=warp", "space.lambda_sem=0.5", "inversion.target_confidence=0.99",
-                       "prior.fallback.lr=0.004", "prior.fallback.hparams.hidden=32"])
+                       "prior.fallback.lr=0.004", "prior.fallback.hparams.hidden=32", "prior.fallback_below=0.9",
+                       "prior.fallback_keep_smaller=0.25"])
     options, factory = inversion_options(cfg)
     inr = compose_cfg(["prior=inr"])
     fb = options.fallback
     assert fb.name == "inr" and fb.options.fallback is None
+    assert fb.below == 0.9 and fb.keep_smaller == 0.25
+    with pytest.raises(ConfigError, match="fallback_keep_smaller"):
+        inversion_options(compose_cfg(["prior=warp", "prior.fallback_keep_smaller=0"]))
     assert fb.options.lr == 0.004 and [s.groups for s in fb.options.stages] == [list(g) for g in inr.prior.stages]
     assert fb.options.recon_steps == inr.prior.recon.max_steps
     assert fb.options.lambda_sem == 0.5 and fb.options.target_confidence == 0.99
