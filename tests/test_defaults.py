@@ -31,7 +31,8 @@ def _same_options(api: InversionOptions, run: InversionOptions) -> None:
         elif field.name == "fallback":
             assert (mine is None) == (theirs is None), "fallback"
             if mine is not None:
-                assert mine.name == theirs.name and mine.below == theirs.below, "fallback name / below"
+                assert (mine.name, mine.below, mine.keep_smaller) == (theirs.name, theirs.below, theirs.keep_smaller), \
+                    "fallback name / below / keep_smaller"
                 _same_options(mine.options_for(api), theirs.options_for(run))
         else:
             assert mine == theirs, f"InversionOptions().{field.name}={mine!r} but disc_pl.run builds {theirs!r}"
