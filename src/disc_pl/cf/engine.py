@@ -132,11 +132,12 @@ def unflipped_or_weak(out: CounterfactualBatch, below: float | None) -> list[int
 
 
 DEFAULT_FALLBACK_BELOW = 0.95  # conf/prior/warp.yaml's fallback_below
+DEFAULT_FALLBACK_KEEP_SMALLER = 0.5  # and its fallback_keep_smaller
 
 
 def _default_fallback() -> PriorFallback:
-    # conf/prior/warp.yaml's (prior@prior.fallback: inr, fallback_below)
-    return PriorFallback("inr", name="inr", below=DEFAULT_FALLBACK_BELOW)
+    # conf/prior/warp.yaml's (prior@prior.fallback: inr, fallback_below, fallback_keep_smaller)
+    return PriorFallback("inr", name="inr", below=DEFAULT_FALLBACK_BELOW, keep_smaller=DEFAULT_FALLBACK_KEEP_SMALLER)
 
 
 def _default_precision() -> str:

@@ -503,7 +503,7 @@ class WarpPrior(Prior):
     groups = ("flow",)
     default_recon_lr = 0.01  # unused: the field starts at the identity
 
-    def __init__(self, images: Tensor, seeds: Sequence[int], grid: int = 16, alpha_smooth: float = 3.0,
+    def __init__(self, images: Tensor, seeds: Sequence[int], grid: int = 24, alpha_smooth: float = 10.0,
                  alpha_mag: float = 0.0, alpha_l1: float = 0.0, max_shift: float | None = None,
                  grad_blur: float | None = None) -> None:
         super().__init__(images, seeds)
