@@ -560,26 +560,24 @@ def _take_better(out: CounterfactualBatch, redo: Sequence[int],
     counted. Returns the rows replaced (of ``out``) and where they are in ``again``."""
     rows = torch.tensor(list(redo), dtype=torch.long)
 
-    if keep not in ("better", "flipped") or (smaller is not None and (query is None or not smaller > 0)):
-        raise ValueError(f"keep must be 'better' or 'flipped' and smaller None or > 0 with the query images; got "
-                         f"keep={keep!r}, smaller={smaller!r}, query {'given' if query is not None else 'None'}")
+    if smaller is not None and query is None:
+        raise ValueError("_take_better(smaller=...) needs the query images to measure the changes")
+    # where a first flip is much smaller than the retry's (both flips or not: the rule below asks)
+    small = torch.zeros(len(redo), dtype=torch.bool)
+    if smaller is not None:
+        q = query[rows].float().cpu()  # a CounterfactualBatch's tensors are on the CPU
+        small = per_sample_mse(out.images[rows].float(), q) < smaller * per_sample_mse(again.images.float(), q)
 
-    def change(x: Tensor, q: Tensor) -> Tensor:
-        return (x.float() - q.float().to(x.device)).square().mean()
-
-    def better_than_first(s: str, p: Tensor, i: int, j: int) -> bool:
+    def better_than_first(s: str, p: Tensor, i: int, first_smaller: bool) -> bool:
         if keep == "flipped":
             return s == FLIPPED
         closer = float(p) > float(out.target_prob[i])
-        if out.status[i] == FLIPPED and smaller is not None and s == FLIPPED:
-            if change(out.images[i], query[i]) < smaller * change(again.images[j], query[i]):
-                return False
         if out.status[i] == FLIPPED:
-            return s == FLIPPED and closer
+            return s == FLIPPED and closer and not first_smaller
         return s == FLIPPED or (s == NOT_FLIPPED and closer)
 
-    better = torch.tensor([better_than_first(s, p, i, j)
-                           for j, (s, p, i) in enumerate(zip(again.status, again.target_prob, redo))], dtype=torch.bool)
+    better = torch.tensor([better_than_first(s, p, i, f) for s, p, i, f
+                           in zip(again.status, again.target_prob, redo, small.tolist())], dtype=torch.bool)
     take, src = rows[better], torch.arange(len(redo))[better]
     for name in ("images", "target_prob", "prediction", "recon_psnr"):
         getattr(out, name)[take] = getattr(again, name)[src]
