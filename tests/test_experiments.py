@@ -104,3 +104,35 @@ def test_corrupted_dataset_changes_only_the_image_and_validates(face):
         corrupted(base, {"name": "fog", "severity": 2})
     with pytest.raises(ValueError, match="severity"):
         corrupted(base, {"name": "jpeg", "severity": 9})
+
+
+TUNED = sorted(p.stem for p in (CONF / "tuned").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", TUNED)
+def test_each_tuned_file_names_a_dataset_and_a_manifold(name):
+    """conf/tuned/<dataset>_<manifold>.yaml is merged only where both names are options: a file
+    whose name matches none (a typo) would be ignored without a word, so the suite refuses it."""
+    pairs = {f"{d.stem}_{m.stem}" for d in (CONF / "dataset").glob("*.yaml") for m in (CONF / "manifold").glob("*.yaml")}
+    assert name in pairs, f"conf/tuned/{name}.yaml matches no <dataset>_<manifold> pair"
+
+
+@pytest.mark.parametrize("primary", ["run", "evaluate"])
+def test_tuned_settings_reach_their_pair_only_and_the_command_line_wins(primary):
+    """Fashion-MNIST with the robust manifold gets its tuned weight and training set, the faces
+    keep the manifold's own values, another manifold on Fashion-MNIST is untouched, and a value
+    given on the command line still decides; `~tuned` drops the file."""
+    own = OmegaConf.load(CONF / "manifold" / "robust.yaml")
+    tuned = OmegaConf.load(CONF / "tuned" / "fashion_mnist_robust.yaml")
+    assert tuned.manifold.weight != own.weight  # otherwise the test below cannot tell them apart
+    for overrides, weight, max_train in (
+            ([], own.weight, own.recipe.max_train),
+            (["dataset=fashion_mnist"], tuned.manifold.weight, tuned.manifold.recipe.max_train),
+            (["experiment=validity_fmnist"], tuned.manifold.weight, tuned.manifold.recipe.max_train),
+            (["experiment=validity_fmnist", "manifold.weight=1.5"], 1.5, tuned.manifold.recipe.max_train)):
+        cfg = compose_overrides(overrides, primary)
+        assert (cfg.manifold.name, cfg.manifold.weight, cfg.manifold.recipe.max_train) == ("robust", weight, max_train)
+    dropped = compose_overrides(["dataset=fashion_mnist", "~tuned"], primary).manifold
+    assert (dropped.weight, dropped.recipe.max_train) == (own.weight, own.recipe.max_train)
+    surrogates = compose_overrides(["dataset=fashion_mnist", "manifold=surrogates"], primary).manifold
+    assert surrogates.weight == OmegaConf.load(CONF / "manifold" / "surrogates.yaml").weight
