@@ -119,20 +119,28 @@ def test_each_tuned_file_names_a_dataset_and_a_manifold(name):
 
 @pytest.mark.parametrize("primary", ["run", "evaluate"])
 def test_tuned_settings_reach_their_pair_only_and_the_command_line_wins(primary):
-    """Fashion-MNIST with the robust manifold gets its tuned weight and training set, the faces
-    keep the manifold's own values, another manifold on Fashion-MNIST is untouched, and a value
-    given on the command line still decides; `~tuned` drops the file."""
+    """Fashion-MNIST with the robust manifold gets every tuned value (the weight and the robust
+    models' recipe), the faces keep the manifold's own values, another manifold on Fashion-MNIST is
+    untouched, and a value given on the command line still decides; `~tuned` drops the file."""
     own = OmegaConf.load(CONF / "manifold" / "robust.yaml")
-    tuned = OmegaConf.load(CONF / "tuned" / "fashion_mnist_robust.yaml")
-    assert tuned.manifold.weight != own.weight  # otherwise the test below cannot tell them apart
-    for overrides, weight, max_train in (
-            ([], own.weight, own.recipe.max_train),
-            (["dataset=fashion_mnist"], tuned.manifold.weight, tuned.manifold.recipe.max_train),
-            (["experiment=validity_fmnist"], tuned.manifold.weight, tuned.manifold.recipe.max_train),
-            (["experiment=validity_fmnist", "manifold.weight=1.5"], 1.5, tuned.manifold.recipe.max_train)):
+    tuned = OmegaConf.load(CONF / "tuned" / "fashion_mnist_robust.yaml").manifold
+    keys = [("weight",)] + [("recipe", k) for k in tuned.recipe]
+
+    def values(manifold):
+        return [OmegaConf.select(manifold, ".".join(k)) for k in keys]
+
+    expected = values(OmegaConf.merge(own, tuned))
+    assert all(a != b for a, b in zip(values(own), expected))  # else the test cannot tell them apart
+    for overrides, want in (
+            ([], values(own)),
+            (["dataset=fashion_mnist"], expected),
+            (["experiment=validity_fmnist"], expected),
+            (["experiment=validity_fmnist", "manifold.weight=1.5", "manifold.recipe.eps=0.2"],
+             [1.5 if k == ("weight",) else 0.2 if k == ("recipe", "eps") else v for k, v in zip(keys, expected)])):
         cfg = compose_overrides(overrides, primary)
-        assert (cfg.manifold.name, cfg.manifold.weight, cfg.manifold.recipe.max_train) == ("robust", weight, max_train)
+        assert cfg.manifold.name == "robust"
+        assert values(cfg.manifold) == want, overrides
     dropped = compose_overrides(["dataset=fashion_mnist", "~tuned"], primary).manifold
-    assert (dropped.weight, dropped.recipe.max_train) == (own.weight, own.recipe.max_train)
+    assert values(dropped) == values(own)
     surrogates = compose_overrides(["dataset=fashion_mnist", "manifold=surrogates"], primary).manifold
     assert surrogates.weight == OmegaConf.load(CONF / "manifold" / "surrogates.yaml").weight
