@@ -438,3 +438,36 @@ def test_warp_regulariser_max_shift_and_bad_arguments():
                 dict(grad_blur=0)):
         with pytest.raises(ValueError):
             WarpPrior(x, [0], **bad)
+
+
+def test_warp_erase_band_fades_the_rim_to_the_background_never_a_hole():
+    """With ``erase_band`` the warp starts at the query exactly; a full erase field fades to the
+    background only the object's pixels within the band of the background (a 2 px rim of a
+    12 x 12 square here), never its interior; and a loss that wants the square's left 2 columns
+    dark (a sleeve to remove) is met by the erase field within 150 steps, the interior kept."""
+    images = torch.zeros(1, 1, 16, 16)
+    images[..., 2:14, 2:14] = 0.8
+    prior = WarpPrior(images, [0], grid=8, alpha_smooth=0.0, erase_band=2.0, alpha_erase=0.0)
+    assert torch.equal(prior(), images)
+    with torch.no_grad():
+        prior.erase.fill_(1.0)
+    out = prior()
+    rim = torch.zeros_like(images, dtype=torch.bool)
+    rim[..., 2:14, 2:14] = True
+    rim[..., 4:12, 4:12] = False
+    torch.testing.assert_close(out[rim], torch.zeros_like(out[rim]), atol=1e-6, rtol=0)
+    assert torch.equal(out[~rim], images[~rim])  # the interior and the background as they were
+    with pytest.raises(ValueError, match="erase_band"):
+        WarpPrior(images, [0], erase_band=0.0)
+
+    prior = WarpPrior(images, [0], grid=8, alpha_smooth=0.0, erase_band=2.0, alpha_erase=0.0)
+    opt = RowAdam(prior.parameter_groups(["all"]), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        out = prior()
+        loss = out[..., 2:14, 2:4].mean() + (out[..., 6:10, 6:10] - 0.8).square().mean()
+        loss.backward()
+        opt.step()
+    out = prior().detach()
+    assert out[..., 2:14, 2:4].mean() < 0.2, out[..., 2:14, 2:4].mean()
+    torch.testing.assert_close(out[..., 6:10, 6:10], images[..., 6:10, 6:10], atol=0.05, rtol=0)

@@ -12,6 +12,8 @@ depend on B or on the other queries (up to float round-off of batched kernels).
 """
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -498,14 +500,22 @@ class WarpPrior(Prior):
     ``grad_blur`` (pixels, or None): the image x' is sampled from the query as it is, but the
     displacement's gradient is taken from a Gaussian-blurred copy (sigma ``grad_blur``) sampled at
     the same points. A thin stroke's own gradient reaches only the pixels beside it; the blurred
-    one sees it from a few pixels away, so a stroke can be pulled as a whole instead of torn."""
+    one sees it from a few pixels away, so a stroke can be pulled as a whole instead of torn.
+
+    ``erase_band`` (pixels, or None): the deformation may also fade the object's rim to the
+    background, ``x' = (1 - e) x(p + d(p)) + e * erase_to``, with ``e`` a second field of
+    ``grid`` x ``grid`` control points clamped to [0, 1] (straight through) and allowed only within ``erase_band``
+    pixels of the query's background (pixels within 0.05 of ``erase_to``). A long sleeve beside
+    the body can go, a hole inside the object cannot. ``alpha_erase`` x the mean erased share is
+    added to the regulariser; the field starts at 0, where x' is the warp alone."""
 
     groups = ("flow",)
     default_recon_lr = 0.01  # unused: the field starts at the identity
 
     def __init__(self, images: Tensor, seeds: Sequence[int], grid: int = 24, alpha_smooth: float = 10.0,
                  alpha_mag: float = 0.0, alpha_l1: float = 0.0, max_shift: float | None = None,
-                 grad_blur: float | None = None) -> None:
+                 grad_blur: float | None = None, erase_band: float | None = None, erase_to: float = 0.0,
+                 alpha_erase: float = 1.0) -> None:
         super().__init__(images, seeds)
         if not (is_integer(grid) and 2 <= int(grid)):
             raise ValueError(f"grid must be an integer >= 2 (control points per side), got {grid!r}")
@@ -517,6 +527,12 @@ class WarpPrior(Prior):
         if grad_blur is not None and not grad_blur > 0:
             raise ValueError(f"grad_blur must be > 0 pixels (the blur the displacement's gradient is taken from) "
                              f"or null, got {grad_blur!r}")
+        if erase_band is not None and not erase_band > 0:
+            raise ValueError(f"erase_band must be > 0 pixels (how far from the background the object may fade "
+                             f"to it) or null, got {erase_band!r}")
+        if not (0.0 <= erase_to <= 1.0 and alpha_erase >= 0):
+            raise ValueError(f"erase_to must be a value in [0, 1] (the background's) and alpha_erase >= 0, got "
+                             f"{erase_to!r}, {alpha_erase!r}")
         self.grid, self.alpha_smooth, self.alpha_mag = int(grid), float(alpha_smooth), float(alpha_mag)
         self.alpha_l1 = float(alpha_l1)
         self.max_shift = None if max_shift is None else float(max_shift)
@@ -531,6 +547,16 @@ class WarpPrior(Prior):
         self.register_buffer("base_grid", base, persistent=False)
         self.register_buffer("to_unit", torch.tensor([2.0 / w, 2.0 / h], dtype=images.dtype,
                                                       device=images.device), persistent=False)
+        self.erase_to, self.alpha_erase = float(erase_to), float(alpha_erase)
+        self.erase = None
+        band = None
+        if erase_band is not None:
+            self.erase = nn.Parameter(images.new_zeros(b, 1, self.grid, self.grid))
+            background = ((images - self.erase_to).abs() <= 0.05).all(dim=1, keepdim=True).to(images.dtype)
+            k = 2 * int(math.ceil(float(erase_band))) + 1
+            near = torch.nn.functional.max_pool2d(background, k, stride=1, padding=k // 2)
+            band = near * (1 - background)  # object pixels within erase_band of the background
+        self.register_buffer("band", band, persistent=False)
         self.set_trainable(["all"])
 
     @property
@@ -557,22 +583,39 @@ class WarpPrior(Prior):
         grid = self.base_grid + d * self.to_unit
         sharp = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
                                                 align_corners=False)
-        if self.blurred is None:
+        if self.blurred is not None:
+            blurred = self.blurred if idx is None else self.blurred[idx]
+            soft = torch.nn.functional.grid_sample(blurred, grid, mode="bilinear",
+                                                   padding_mode="border", align_corners=False)
+            sharp = sharp.detach() + soft - soft.detach()  # the value of sharp, the gradient of soft
+        if self.erase is None:
             return sharp
-        blurred = self.blurred if idx is None else self.blurred[idx]
-        soft = torch.nn.functional.grid_sample(blurred, grid, mode="bilinear",
-                                               padding_mode="border", align_corners=False)
-        return sharp.detach() + soft - soft.detach()  # the value of sharp, the gradient of soft
+        e = self.erased(idx).to(sharp.dtype)
+        return sharp * (1 - e) + e * self.erase_to
+
+    def erased(self, idx: Tensor | None = None) -> Tensor:
+        """The full-size share of each pixel faded to the background [b, 1, H, W] (0 without erase_band)."""
+        if self.erase is None:
+            return self.images.new_zeros(self.images.shape[0] if idx is None else len(idx), 1, *self.full_size)
+        a = self.erase if idx is None else self.erase[idx]
+        band = self.band if idx is None else self.band[idx]
+        e = torch.nn.functional.interpolate(a, size=self.full_size, mode="bicubic", align_corners=True)
+        # clamped to [0, 1] with the gradient of the identity (straight through): at the start, e = 0
+        # exactly, where a clamp's own gradient is 0 and the field would never move
+        return (e + (e.clamp(0, 1) - e).detach()) * band
 
     def _group_parameters(self, name: str) -> list[Tensor]:
-        return [self.flow]
+        return [self.flow] if self.erase is None else [self.flow, self.erase]
 
     def regularizer(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
         f = self._field(idx)
         smooth = ((f[:, :, 1:, :] - f[:, :, :-1, :]).square().flatten(1).mean(1)
                   + (f[:, :, :, 1:] - f[:, :, :, :-1]).square().flatten(1).mean(1))
-        return (self.alpha_smooth * smooth + self.alpha_mag * f.square().flatten(1).mean(1)
-                + self.alpha_l1 * f.abs().flatten(1).mean(1))
+        reg = (self.alpha_smooth * smooth + self.alpha_mag * f.square().flatten(1).mean(1)
+               + self.alpha_l1 * f.abs().flatten(1).mean(1))
+        if self.erase is not None:
+            reg = reg + self.alpha_erase * self.erased(idx).flatten(1).mean(1)
+        return reg
 
 
 PRIORS: dict[str, type[Prior]] = {"tv": TVPrior, "dip": DIPPrior, "inr": INRPrior, "warp": WarpPrior}
