@@ -13,7 +13,6 @@ depend on B or on the other queries (up to float round-off of batched kernels).
 from __future__ import annotations
 
 import math
-
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -24,6 +23,7 @@ from disc_pl.cf import precision as amp
 from disc_pl.cf.optim import RowAdam
 from disc_pl.data.corruptions import blur
 from disc_pl.errors import ConfigError, Problem, is_integer
+from disc_pl.metrics.functional import dilate_mask
 from disc_pl.nets.siren import BatchedFourierSiren
 from disc_pl.nets.unet import BatchedSkipNet
 
@@ -504,8 +504,9 @@ class WarpPrior(Prior):
 
     ``erase_band`` (pixels, or None): the deformation may also fade the object's rim to the
     background, ``x' = (1 - e) x(p + d(p)) + e * erase_to``, with ``e`` a second field of
-    ``grid`` x ``grid`` control points clamped to [0, 1] (straight through) and allowed only within ``erase_band``
-    pixels of the query's background (pixels within 0.05 of ``erase_to``). A long sleeve beside
+    ``grid`` x ``grid`` control points clamped to [0, 1] (its gradient kept at the bounds) and
+    allowed only within ``erase_band`` pixels of the query's background (pixels within 0.05 of
+    ``erase_to``). A long sleeve beside
     the body can go, a hole inside the object cannot. ``alpha_erase`` x the mean erased share is
     added to the regulariser; the field starts at 0, where x' is the warp alone."""
 
@@ -552,10 +553,9 @@ class WarpPrior(Prior):
         band = None
         if erase_band is not None:
             self.erase = nn.Parameter(images.new_zeros(b, 1, self.grid, self.grid))
-            background = ((images - self.erase_to).abs() <= 0.05).all(dim=1, keepdim=True).to(images.dtype)
-            k = 2 * int(math.ceil(float(erase_band))) + 1
-            near = torch.nn.functional.max_pool2d(background, k, stride=1, padding=k // 2)
-            band = near * (1 - background)  # object pixels within erase_band of the background
+            background = ((images - self.erase_to).abs() <= 0.05).all(dim=1)  # [b, H, W]
+            near = dilate_mask(background, math.ceil(float(erase_band)))
+            band = (near & ~background)[:, None].to(images.dtype)  # object pixels within erase_band of it
         self.register_buffer("band", band, persistent=False)
         self.set_trainable(["all"])
 
@@ -594,15 +594,12 @@ class WarpPrior(Prior):
         return sharp * (1 - e) + e * self.erase_to
 
     def erased(self, idx: Tensor | None = None) -> Tensor:
-        """The full-size share of each pixel faded to the background [b, 1, H, W] (0 without erase_band)."""
-        if self.erase is None:
-            return self.images.new_zeros(self.images.shape[0] if idx is None else len(idx), 1, *self.full_size)
+        """The full-size share of each pixel faded to the background [b, 1, H, W] (with ``erase_band``)."""
         a = self.erase if idx is None else self.erase[idx]
         band = self.band if idx is None else self.band[idx]
         e = torch.nn.functional.interpolate(a, size=self.full_size, mode="bicubic", align_corners=True)
-        # clamped to [0, 1] with the gradient of the identity (straight through): at the start, e = 0
-        # exactly, where a clamp's own gradient is 0 and the field would never move
-        return (e + (e.clamp(0, 1) - e).detach()) * band
+        # a plain clamp's gradient is 0 at the start (e = 0 exactly), where the field would never move
+        return _ClampInward.apply(e) * band
 
     def _group_parameters(self, name: str) -> list[Tensor]:
         return [self.flow] if self.erase is None else [self.flow, self.erase]
