@@ -459,6 +459,15 @@ def test_warp_erase_band_fades_the_rim_to_the_background_never_a_hole():
     assert torch.equal(out[~rim], images[~rim])  # the interior and the background as they were
     with pytest.raises(ValueError, match="erase_band"):
         WarpPrior(images, [0], erase_band=0.0)
+    # a dark print inside the object is not background: nothing around it may fade
+    printed = images.clone()
+    printed[..., 7:9, 7:9] = 0.0
+    prior = WarpPrior(printed, [0], grid=8, alpha_smooth=0.0, erase_band=2.0, alpha_erase=0.0)
+    with torch.no_grad():
+        prior.erase.fill_(1.0)
+    out = prior()
+    torch.testing.assert_close(out[rim], torch.zeros_like(out[rim]), atol=1e-6, rtol=0)
+    assert torch.equal(out[~rim], printed[~rim])
 
     prior = WarpPrior(images, [0], grid=8, alpha_smooth=0.0, erase_band=2.0, alpha_erase=0.0)
     opt = RowAdam(prior.parameter_groups(["all"]), lr=0.05)

@@ -14,7 +14,7 @@ from disc_pl.cf.losses import (ROBUST_RECIPE, Robust, RobustManifoldLoss, cone_p
                               target_margin)
 from disc_pl.cf.objective import ConeFunctionalTerm, EnsembleTerm, FunctionalTerm, Step, default_objective
 from disc_pl.errors import ConfigError
-from disc_pl.models.realism import ConvAE, RealismScore, fit_autoencoder, im1
+from disc_pl.models.realism import ConvAE, RealismScore, fit_autoencoder, im1, nn_margin
 from disc_pl.models.robust import adversarial_fit, check_robust_config, eps_at, l2_pgd
 
 SIDE = 8
@@ -266,6 +266,44 @@ def test_the_margin_goal_keeps_pulling_where_the_cross_entropy_has_saturated():
     assert grad_norm(goal, 20.0) < 0.001
 
 
+def test_nn_margin_is_the_hand_computed_neighbour_distance_difference():
+    """Mean squared difference per pixel to the k nearest real target images minus to the k
+    nearest real source images, on 2x2 images whose distances are known."""
+    x = torch.zeros(2, 1, 2, 2)
+    x[1] = 1.0
+    target = torch.stack([torch.full((1, 2, 2), v) for v in (0.1, 0.5, 1.0)])
+    source = torch.stack([torch.full((1, 2, 2), v) for v in (0.2, 0.3, 0.9)])
+    got = nn_margin(x, target, source, k=2)
+    # image 0 (all 0): target neighbours 0.1, 0.5 -> (0.01 + 0.25) / 2; source 0.2, 0.3 -> (0.04 + 0.09) / 2
+    # image 1 (all 1): target 1.0, 0.5 -> (0 + 0.25) / 2; source 0.9, 0.3 -> (0.01 + 0.49) / 2
+    assert torch.allclose(got, torch.tensor([0.13 - 0.065, 0.125 - 0.25]))
+    with pytest.raises(ValueError, match="at least k=4"):
+        nn_margin(x, target, source, k=4)
+    with pytest.raises(ValueError, match="both classes"):
+        RealismScore(None, None, None, bank_source=source)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nn_margin_ranks_a_real_target_image_above_noise_and_noise_leaves_it_where_the_query_was(seed):
+    """On generated bars (source: horizontal, target: vertical) a real target image has a
+    negative margin and a query a positive one; the query plus noise as large as the change to a
+    real target image stays positive, nearly where the query was (noise adds about its energy to
+    every distance), while IM1's ratio is what noise pulls towards 1."""
+    bank_s, bank_t = _bars(200, False, 300 + seed), _bars(200, True, 400 + seed)
+    real, query = _bars(32, True, 100 + seed), _bars(32, False, 200 + seed)
+    change = (real - query).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    noise = torch.randn(query.shape, generator=torch.Generator().manual_seed(seed))
+    noisy = query + noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * change  # unclamped: pure added energy
+    s_real, s_query, s_noisy = (nn_margin(v, bank_t, bank_s) for v in (real, query, noisy))
+    assert (s_real < 0).all() and (s_query > 0).all()
+    assert (s_noisy > 0).float().mean() >= 0.9
+    assert (s_real < s_noisy).all()
+    spread = s_query.mean() - s_real.mean()
+    assert (s_noisy.mean() - s_query.mean()).abs() < 0.25 * spread
+    score = RealismScore(None, None, None, bank_source=bank_s, bank_target=bank_t, k=3)
+    assert score.has_nn and torch.equal(score.nn(real), nn_margin(real, bank_t, bank_s, k=3))
+
+
 def test_bad_robust_and_realism_settings_are_refused_before_any_work():
     from conftest import compose_cfg
 
@@ -273,11 +311,11 @@ def test_bad_robust_and_realism_settings_are_refused_before_any_work():
 
     validate_run_config(compose_cfg(["judge=ensemble"]))  # the defaults pass
     cfg = compose_cfg(["judge=ensemble", "judge.robust.eps=0", "judge.realism.latent=0", "manifold.recipe.steps=0",
-                       "manifold.recipe.max_train=1"])
+                       "manifold.recipe.max_train=1", "judge.realism.knn=0"])
     with pytest.raises(ConfigError) as err:
         validate_run_config(cfg)
     assert {"judge.robust.eps", "judge.realism.latent", "manifold.recipe.steps",
-            "manifold.recipe.max_train"} <= {p.key for p in err.value.problems}
+            "manifold.recipe.max_train", "judge.realism.knn"} <= {p.key for p in err.value.problems}
 
 
 def test_the_composed_robust_recipe_is_the_python_default():

@@ -420,10 +420,12 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
                 "judge_robust/query_flip_rate", "judge_robust/ceiling_real", "judge/ceiling_real",
                 "reference/pgd/judge_robust_flip_rate", "reference/gt/judge_robust_flip_rate",
                 "realism/im1_real_target", "realism/im1_queries", "reference/pgd/im1", "reference/gt/im1",
-                "realism/ae_gap_real_target", "reference/pgd/ae_gap",
+                "realism/ae_gap_real_target", "reference/pgd/ae_gap", "realism/im1_noise",
+                "realism/nn_margin_real_target", "realism/nn_margin_queries", "realism/nn_margin_noise",
+                "reference/pgd/nn_margin", "reference/gt/nn_margin",
                 "reference/gt/gt_recovery_median", "reference/gt/gt_recovery_positive"):
         assert key in m and math.isfinite(m[key]), key
-    for key in ("cf/cout", "cf/gt_recovery", "cf/im1", "cf/ae_gap"):  # quality figures: over the flipped queries only
+    for key in ("cf/cout", "cf/gt_recovery", "cf/im1", "cf/ae_gap", "cf/nn_margin"):  # quality figures: over the flipped queries only
         assert (key in m and math.isfinite(m[key])) == (m["cf/n_flipped"] > 0), key
     assert m["reference/gt/gt_recovery"] == pytest.approx(1.0) and m["judge/k"] == 2 and m["env/cpu"]
     rows = list(csv.DictReader((out / "results.csv").open()))

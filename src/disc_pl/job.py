@@ -204,7 +204,7 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
 # Quality of a counterfactual: averaged over the flipped queries only (a not-flipped query's
 # best attempt, or a diverged query returned as itself with mse 0, is no counterfactual).
 FLIPPED_FIGURES = ("mse", "concentration", "gt_distance", "in_mask", "mask_iou", "target_prob", "recon_psnr",
-                   "cout", "gt_recovery", "im1", "ae_gap")
+                   "cout", "gt_recovery", "im1", "ae_gap", "nn_margin")
 # Also their median and the share above 0: a ratio whose mean a few queries with a tiny true change (|x - x_gt| near 0)
 # can dominate.
 MEDIAN_FIGURES = ("gt_recovery",)

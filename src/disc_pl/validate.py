@@ -31,7 +31,7 @@ from disc_pl.cf.losses import Surrogates
 from disc_pl.errors import ABSENT, MISSING, ConfigError, Problem, show  # noqa: F401 (re-exported)
 from disc_pl.models.byo import is_byo  # noqa: F401 (re-exported)
 from disc_pl.models.judge import judge_datamodule, judges_enabled, robust_settings
-from disc_pl.models.realism import ae_settings
+from disc_pl.models.realism import ae_settings, nn_settings
 from disc_pl.models.robust import robust_recipe
 
 CONF_DIR = Path(utils.CONF_DIR)
@@ -168,6 +168,7 @@ def _check_judges(ch: Checks) -> None:
     realism = judge.get("realism")
     if realism and bool(realism.get("enabled", True)):
         collect(ch, lambda: ae_settings(realism))
+        collect(ch, lambda: nn_settings(realism))
 
 
 # --------------------------------------------------------------------------- entry points

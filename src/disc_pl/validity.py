@@ -91,6 +91,8 @@ def figures(classifier: nn.Module, panels: dict[str, list[nn.Module]], x: Tensor
     if realism is not None:
         out["im1"] = realism(x_cf)
         out["ae_gap"] = realism.gap(x, x_cf)
+        if realism.has_nn:
+            out["nn_margin"] = realism.nn(x_cf)
     for panel, judges in panels.items():
         if not judges:
             continue
@@ -104,12 +106,12 @@ def figures(classifier: nn.Module, panels: dict[str, list[nn.Module]], x: Tensor
 
 
 ROW_FIGURES = ("judge_flip", "judge_target_prob", "judge_robust_flip", "judge_robust_target_prob", "cout",
-               "gt_recovery", "im1", "ae_gap")
+               "gt_recovery", "im1", "ae_gap", "nn_margin")
 
 
 def _aggregate(prefix: str, figs: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for key in ("flipped", "mse", "cout", "gt_recovery", "im1", "ae_gap"):
+    for key in ("flipped", "mse", "cout", "gt_recovery", "im1", "ae_gap", "nn_margin"):
         if key in figs:
             v = figs[key][~torch.isnan(figs[key])]
             name = "flip_rate" if key == "flipped" else key
@@ -129,6 +131,19 @@ def _judge_keys(prefix: str, j: dict[str, Tensor], panel: str = "judge") -> dict
     return {f"{prefix}{panel}_flip_rate": float(j["flip_rate"]), f"{prefix}{panel}_flip_rate_std": float(j["flip_rate_std"]),
             f"{prefix}{panel}_target_prob": float(j["target_prob"]),
             f"{prefix}{panel}_target_prob_std": float(j["target_prob_std"])}
+
+
+def noise_control(realism: RealismScore, x: Tensor, x_cf: Tensor, seed: int = 0) -> dict[str, float]:
+    """The realism scores of the queries plus Gaussian noise (seeded) whose mean squared size is
+    the counterfactuals' mean MSE, clamped to [0, 1]: where a change with no content lands. A
+    counterfactual that scores no better than this has not been shown realistic by the score."""
+    mse = float((x_cf.float() - x.float()).square().mean())
+    gen = torch.Generator().manual_seed(int(seed))
+    noisy = (x.float() + mse ** 0.5 * torch.randn(x.shape, generator=gen)).clamp(0, 1).to(x.dtype)
+    out = {"realism/im1_noise": float(realism(noisy).mean())}
+    if realism.has_nn:
+        out["realism/nn_margin_noise"] = float(realism.nn(noisy).mean())
+    return out
 
 
 def _real_target_images(dm: Any, target: int, n: int = 256) -> Tensor | None:
@@ -211,6 +226,8 @@ def add_validity(cfg: DictConfig, dm: Any, classifier: nn.Module, rows: list[dic
         label = int(rows[0].get("label", source))
         panels, realism = _judges(cfg, dm, byo, (source, target), x, label, metrics)
     figs = figures(classifier, panels, x, x_cf, source, target, margin, x_gt, steps, realism)
+    if realism is not None:
+        metrics.update(noise_control(realism, x, x_cf))
     for n, qid in enumerate(ids):
         row = by_id[qid]
         for key in ROW_FIGURES:
@@ -251,8 +268,12 @@ def _judges(cfg: DictConfig, dm: Any, byo: bool, classes: tuple[int, int], x: Te
     realism = ensure_realism(cfg, jdm, label, target) if label != target else None
     if realism is not None:  # its calibration: real target-class images and the unchanged queries
         metrics["realism/im1_queries"] = float(realism(x).mean())
+        if realism.has_nn:
+            metrics["realism/nn_margin_queries"] = float(realism.nn(x).mean())
         if real is not None:
             metrics["realism/im1_real_target"] = float(realism(real).mean())
+            if realism.has_nn:
+                metrics["realism/nn_margin_real_target"] = float(realism.nn(real).mean())
             # real target images against the real queries: the gap of an edit that lands on real images
             metrics["realism/ae_gap_real_target"] = float(recon_error(realism.ae_all, real).mean()
                                                           - recon_error(realism.ae_all, x).mean())

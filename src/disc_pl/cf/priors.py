@@ -483,6 +483,18 @@ class INRPrior(_NetPrior):
             self.clear_cache()
 
 
+def _border_connected(mask: Tensor) -> Tensor:
+    """The pixels of a bool mask ``[B, H, W]`` 8-connected within it to the image's border (the
+    background around an object, not a dark print or seam inside it)."""
+    out = torch.zeros_like(mask)
+    out[:, 0], out[:, -1], out[:, :, 0], out[:, :, -1] = mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]
+    while True:
+        grown = dilate_mask(out, 1) & mask
+        if torch.equal(grown, out):
+            return out
+        out = grown
+
+
 class WarpPrior(Prior):
     """The counterfactual as a smooth deformation of the query: x'(p) = x(p + d(p)), sampled
     bilinearly (border padding), with the displacement d a per-query field of ``grid`` x
@@ -506,8 +518,8 @@ class WarpPrior(Prior):
     background, ``x' = (1 - e) x(p + d(p)) + e * erase_to``, with ``e`` a second field of
     ``grid`` x ``grid`` control points clamped to [0, 1] (its gradient kept at the bounds) and
     allowed only within ``erase_band`` pixels of the query's background (pixels within 0.05 of
-    ``erase_to``). A long sleeve beside
-    the body can go, a hole inside the object cannot. ``alpha_erase`` x the mean erased share is
+    ``erase_to`` connected to the image's border: a dark print inside the object is no background).
+    A long sleeve beside the body can go, a hole inside the object cannot. ``alpha_erase`` x the mean erased share is
     added to the regulariser; the field starts at 0, where x' is the warp alone."""
 
     groups = ("flow",)
@@ -553,7 +565,7 @@ class WarpPrior(Prior):
         band = None
         if erase_band is not None:
             self.erase = nn.Parameter(images.new_zeros(b, 1, self.grid, self.grid))
-            background = ((images - self.erase_to).abs() <= 0.05).all(dim=1)  # [b, H, W]
+            background = _border_connected(((images - self.erase_to).abs() <= 0.05).all(dim=1))  # [b, H, W]
             near = dilate_mask(background, math.ceil(float(erase_band)))
             band = (near & ~background)[:, None].to(images.dtype)  # object pixels within erase_band of it
         self.register_buffer("band", band, persistent=False)

@@ -15,6 +15,20 @@ Whether it separates the classes at all depends on the data: on the 32 px synthe
 label lives in a few mouth pixels, which an autoencoder may reconstruct equally well from
 either class. ``disc_pl.validity`` therefore reports it beside its own calibration: IM1 of real
 target-class test images and of the unchanged queries.
+
+IM1 is a ratio, and noise raises both errors alike, which pulls it towards 1. Where real
+target-class images score near 1 themselves (Fashion-MNIST's T-shirts: 1.04 against Shirts'
+1.20), Gaussian noise at a counterfactual's MSE scores as well as a real change (issue 27,
+eleventh session). So a second score, the nearest-real-image margin, asks no network at all:
+
+    NN(x') = mean over the k nearest real target images of |x' - r|^2 / D
+           - mean over the k nearest real source images of |x' - r|^2 / D
+
+(D the pixel count; the real images are the autoencoders' own, from the judges' split, never
+the queries' split). Below 0: nearer real images of the target class. Independent noise adds
+about its energy to every distance alike, so it leaves the margin where the query had it; only
+an edit towards what real target images look like lowers it. ``disc_pl.validity`` reports both
+scores with a noise control: the queries plus Gaussian noise at the counterfactuals' MSE.
 """
 from __future__ import annotations
 
@@ -33,6 +47,7 @@ from disc_pl.utils import to_plain
 
 log = logging.getLogger(__name__)
 AE_KEYS = ("width", "latent", "epochs", "lr", "batch_size", "noise", "max_per_class")
+NN_DEFAULT_K = 5
 
 
 class ConvAE(nn.Module):
@@ -71,6 +86,14 @@ def ae_settings(rc: Any) -> dict[str, Any]:
     return out
 
 
+def nn_settings(rc: Any) -> int | None:
+    """The neighbours of the nearest-real-image margin (judge.realism.knn; None: off); checked."""
+    knn = to_plain(rc.get("knn", NN_DEFAULT_K))
+    require("judge.realism", [("knn", knn, knn is None or is_integer(knn, 1),
+                               "an integer >= 1 (neighbours of the nearest-real-image margin), or null for off")])
+    return None if knn is None else int(knn)
+
+
 def fit_autoencoder(ae: nn.Module, x: Tensor, seed: int, rc: dict[str, Any]) -> None:
     """Denoising fit: reconstruct ``x`` from ``x + noise``, Adam on the pixel MSE."""
     gen = torch.Generator().manual_seed(int(seed))
@@ -102,15 +125,51 @@ def im1(ae_target: nn.Module, ae_source: nn.Module, x: Tensor, eps: float = 1e-8
     return recon_error(ae_target, x) / (recon_error(ae_source, x) + eps)
 
 
-class RealismScore:
-    """IM1 of one class pair (the source- and target-class autoencoders) and the manifold gap
-    of an autoencoder trained on every class: ``gap(x, x') = |x' - AE(x')|^2 - |x - AE(x)|^2``,
-    how much harder the counterfactual is to reconstruct than its query. An edit that stays on
-    the image manifold (a real smile) costs about 0; pixel noise, which a denoising autoencoder
-    removes, costs its energy."""
+def nearest_sq_dist(x: Tensor, bank: Tensor, k: int, batch: int = 256) -> Tensor:
+    """Per image ``[N]``: the mean over its ``k`` nearest images of ``bank`` of the squared
+    distance per pixel (mean squared difference)."""
+    if len(bank) < k:
+        raise ValueError(f"the nearest-real-image margin needs at least k={k} real images per class, got {len(bank)}: "
+                         f"lower judge.realism.knn or give the judges more images of the class")
+    flat = bank.flatten(1).float()
+    out = []
+    for i in range(0, len(x), batch):
+        d = torch.cdist(x[i:i + batch].flatten(1).float(), flat).square()
+        out.append(d.topk(k, dim=1, largest=False).values.mean(1) / flat.shape[1])
+    return torch.cat(out)
 
-    def __init__(self, ae_source: nn.Module, ae_target: nn.Module, ae_all: nn.Module | None = None) -> None:
+
+def nn_margin(x: Tensor, bank_target: Tensor, bank_source: Tensor, k: int = NN_DEFAULT_K) -> Tensor:
+    """The nearest-real-image margin per image ``[N]`` (module docstring): mean squared distance
+    to the ``k`` nearest real target images minus to the ``k`` nearest real source images.
+    Below 0: nearer the target class's real images."""
+    return nearest_sq_dist(x, bank_target, k) - nearest_sq_dist(x, bank_source, k)
+
+
+class RealismScore:
+    """IM1 of one class pair (the source- and target-class autoencoders), the manifold gap
+    of an autoencoder trained on every class: ``gap(x, x') = |x' - AE(x')|^2 - |x - AE(x)|^2``,
+    how much harder the counterfactual is to reconstruct than its query (an edit that stays on
+    the image manifold, a real smile, costs about 0; pixel noise, which a denoising autoencoder
+    removes, costs its energy), and, given real images of both classes (``bank_source``,
+    ``bank_target``), the nearest-real-image margin ``nn(x)`` with ``k`` neighbours."""
+
+    def __init__(self, ae_source: nn.Module, ae_target: nn.Module, ae_all: nn.Module | None = None,
+                 bank_source: Tensor | None = None, bank_target: Tensor | None = None, k: int = NN_DEFAULT_K) -> None:
         self.ae_source, self.ae_target, self.ae_all = ae_source, ae_target, ae_all
+        if (bank_source is None) != (bank_target is None):
+            raise ValueError("the nearest-real-image margin needs real images of both classes (bank_source and "
+                             "bank_target), or neither")
+        self.bank_source, self.bank_target, self.k = bank_source, bank_target, int(k)
+
+    @property
+    def has_nn(self) -> bool:
+        return self.bank_target is not None
+
+    def nn(self, x: Tensor) -> Tensor:
+        if not self.has_nn:
+            raise ValueError("the nearest-real-image margin needs real images of both classes (bank_source, bank_target)")
+        return nn_margin(x, self.bank_target, self.bank_source, self.k)
 
     def __call__(self, x: Tensor) -> Tensor:
         return im1(self.ae_target, self.ae_source, x)
@@ -122,23 +181,31 @@ class RealismScore:
 
 
 def ensure_realism(cfg: DictConfig, jdm: Any, source: int, target: int) -> RealismScore | None:
-    """The IM1 score of the pair (source, target), its two autoencoders trained on the judges'
-    datamodule ``jdm`` (cached); None when ``judge.realism`` is off."""
+    """The realism scores of the pair (source, target): IM1's two autoencoders and the manifold
+    gap's, trained on the judges' datamodule ``jdm`` (cached), and the nearest-real-image margin
+    over the same real images of the two classes (``judge.realism.knn`` neighbours; null: off).
+    None when ``judge.realism`` is off."""
     rcfg = cfg.judge.get("realism")
     if not rcfg or not bool(rcfg.get("enabled", True)):
         return None
     rc = ae_settings(rcfg)
+    knn = nn_settings(rcfg)
     data = jdm.dataset("train")
     labels = None
+
+    def images(cls: int | None) -> Tensor:
+        """The class's real images the realism models see: the first max_per_class of the judges' split."""
+        nonlocal labels
+        if labels is None:
+            labels = torch.tensor([int(data[i]["label"]) for i in range(len(data))])
+        idx = (labels == cls).nonzero().flatten().tolist() if cls is not None else list(range(len(labels)))
+        idx = idx[: rc["max_per_class"] * (1 if cls is not None else 2) if rc["max_per_class"] else None]
+        return torch.stack([data[i]["image"] for i in idx])
+
     aes = []
     for cls in (source, target, None):  # None: every class (the manifold gap)
         def fit(ae: nn.Module, cls: int | None = cls) -> None:
-            nonlocal labels
-            if labels is None:
-                labels = torch.tensor([int(data[i]["label"]) for i in range(len(data))])
-            idx = (labels == cls).nonzero().flatten().tolist() if cls is not None else list(range(len(labels)))
-            idx = idx[: rc["max_per_class"] * (1 if cls is not None else 2) if rc["max_per_class"] else None]
-            x = torch.stack([data[i]["image"] for i in idx])
+            x = images(cls)
             log.info("training the realism autoencoder of %s (%d images)", f"class {cls}" if cls is not None
                      else "every class", len(x))
             fit_autoencoder(ae, x, int(cfg.judge.seed) + 500 + (cls if cls is not None else 99), rc)
@@ -147,4 +214,6 @@ def ensure_realism(cfg: DictConfig, jdm: Any, source: int, target: int) -> Reali
         seed = int(cfg.judge.seed) + 500 + (cls if cls is not None else 99)
         aes.append(cached_net(Path(str(cfg.cache_dir)), "realism_ae",
                               {"train": rc, "data": jdm.fingerprint(), "cls": cls, "seed": seed}, build, fit))
-    return RealismScore(*aes)
+    if knn is None:
+        return RealismScore(*aes)
+    return RealismScore(*aes, bank_source=images(source), bank_target=images(target), k=int(knn))
