@@ -425,7 +425,8 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
                 "reference/pgd/nn_margin", "reference/gt/nn_margin",
                 "reference/gt/gt_recovery_median", "reference/gt/gt_recovery_positive"):
         assert key in m and math.isfinite(m[key]), key
-    for key in ("cf/cout", "cf/gt_recovery", "cf/im1", "cf/ae_gap", "cf/nn_margin"):  # quality figures: over the flipped queries only
+    # quality figures: over the flipped queries only
+    for key in ("cf/cout", "cf/gt_recovery", "cf/im1", "cf/ae_gap", "cf/nn_margin"):
         assert (key in m and math.isfinite(m[key])) == (m["cf/n_flipped"] > 0), key
     assert m["reference/gt/gt_recovery"] == pytest.approx(1.0) and m["judge/k"] == 2 and m["env/cpu"]
     rows = list(csv.DictReader((out / "results.csv").open()))

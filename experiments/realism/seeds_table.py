@@ -3,8 +3,9 @@
     python experiments/realism/seeds_table.py multirun/realism/<time> [more sweep dirs ...]
 
 The truth first (ground-truth recovery: mean, median and share > 0, per seed), then the robust
-and the plain judges, the classifier-free realism scores (the nearest-real-image margin x1000: < 0 is
-nearer real target-class images; IM1: < 1 is closer to the target class), the flip rate, the change (MSE) and the engine's seconds per counterfactual. Methods are
+and the plain judges, the classifier-free realism scores (the nearest-real-image margin x1000:
+< 0 is nearer real target-class images; IM1: < 1 is closer to the target class), the flip
+rate, the change (MSE) and the engine's seconds per counterfactual. Methods are
 grouped as ``disc_pl.report`` names them (the seed is not part of the name); the reference rows
 (PGD, PGD on the robust models, the ground truth) follow, from the same jobs. Each figure is the
 mean ± population std of the per-job values (each job: one classifier seed, its own queries).
@@ -20,7 +21,8 @@ from disc_pl.report import REFERENCES, find_jobs, group_methods
 
 FIGURES = [  # (header, metrics key without prefix, digits)
     ("GT rec.", "gt_recovery", 2), ("GT rec. median", "gt_recovery_median", 2), ("GT rec. > 0", "gt_recovery_positive", 2),
-    ("robust judge", "judge_robust_flip_rate", 3), ("plain judge", "judge_flip_rate", 3), ("NN margin x1000", "nn_margin", 2), ("IM1", "im1", 3),
+    ("robust judge", "judge_robust_flip_rate", 3), ("plain judge", "judge_flip_rate", 3),
+    ("NN margin x1000", "nn_margin", 2), ("IM1", "im1", 3),
     ("AE gap", "ae_gap", 2),
     ("flip rate", "flip_rate", 2), ("MSE", "mse", 4), ("s / cf", "seconds", 2),
 ]
@@ -68,7 +70,8 @@ def table(roots: list[Path]) -> str:
                       ("realism/im1_noise", "IM1 of the queries + Gaussian noise at the counterfactuals' MSE"),
                       ("realism/nn_margin_real_target", "NN margin x1000 of real target images"),
                       ("realism/nn_margin_queries", "NN margin x1000 of the unchanged queries"),
-                      ("realism/nn_margin_noise", "NN margin x1000 of the queries + Gaussian noise at the counterfactuals' MSE"),
+                      ("realism/nn_margin_noise",
+                       "NN margin x1000 of the queries + Gaussian noise at the counterfactuals' MSE"),
                       ("realism/ae_gap_real_target", "AE gap of real target images (against the queries)")):
         vals = [_scaled(key, float(m[key])) for m in every if key in m]
         if vals:
