@@ -216,4 +216,10 @@ def ensure_realism(cfg: DictConfig, jdm: Any, source: int, target: int) -> Reali
                               {"train": rc, "data": jdm.fingerprint(), "cls": cls, "seed": seed}, build, fit))
     if knn is None:
         return RealismScore(*aes)
-    return RealismScore(*aes, bank_source=images(source), bank_target=images(target), k=int(knn))
+    banks = images(source), images(target)
+    if min(len(b) for b in banks) < knn:
+        log.warning("the nearest-real-image margin is left out: the judges' split holds %d / %d images of the source "
+                    "/ target class, fewer than judge.realism.knn=%d (lower it, or give the judges more images)",
+                    len(banks[0]), len(banks[1]), knn)
+        return RealismScore(*aes)
+    return RealismScore(*aes, bank_source=banks[0], bank_target=banks[1], k=knn)
