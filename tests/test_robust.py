@@ -304,6 +304,41 @@ def test_nn_margin_ranks_a_real_target_image_above_noise_and_noise_leaves_it_whe
     assert score.has_nn and torch.equal(score.nn(real), nn_margin(real, bank_t, bank_s, k=3))
 
 
+def test_noise_control_scores_noise_and_a_blur_each_as_large_as_the_counterfactuals_change():
+    """The content-free controls: the queries plus Gaussian noise and the queries blurred, each
+    with the counterfactuals' mean MSE, scored by the same realism scores."""
+    from disc_pl.validity import noise_control
+
+    class Recorder:  # a realism score that remembers what it was asked about: IM1 = the image's mean
+        has_nn = True
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, v):
+            self.seen.append(v)
+            return v.flatten(1).mean(1)
+
+        def nn(self, v):
+            return -v.flatten(1).mean(1)
+
+    gen = torch.Generator().manual_seed(0)
+    x = 0.3 + 0.4 * torch.rand(8, 1, 16, 16, generator=gen)  # away from 0 and 1: the clamp stays idle
+    x_cf = x + 0.05 * torch.randn(x.shape, generator=gen)
+    mse = float((x_cf - x).square().mean())
+    rec = Recorder()
+    out = noise_control(rec, x, x_cf)
+    noisy, blurred = rec.seen
+    assert float((noisy - x).square().mean()) == pytest.approx(mse, rel=0.1)
+    assert float((blurred - x).square().mean()) == pytest.approx(mse, rel=0.01)
+    assert 0.05 < out["realism/blur_sigma"] < 8
+    assert out["realism/im1_noise"] == pytest.approx(float(noisy.mean())) and out["realism/nn_margin_blur"] == pytest.approx(
+        -float(blurred.mean()))
+    # a change larger than any blur can make: the widest blur is used
+    out = noise_control(Recorder(), x, 1 - x)
+    assert out["realism/blur_sigma"] == 8.0
+
+
 def test_bad_robust_and_realism_settings_are_refused_before_any_work():
     from conftest import compose_cfg
 

@@ -421,6 +421,7 @@ def test_evaluate_writes_judge_cout_gt_recovery_and_reference_rows(tmp_path):
                 "reference/pgd/judge_robust_flip_rate", "reference/gt/judge_robust_flip_rate",
                 "realism/im1_real_target", "realism/im1_queries", "reference/pgd/im1", "reference/gt/im1",
                 "realism/ae_gap_real_target", "reference/pgd/ae_gap", "realism/im1_noise",
+                "realism/im1_blur", "realism/nn_margin_blur", "realism/blur_sigma",
                 "realism/nn_margin_real_target", "realism/nn_margin_queries", "realism/nn_margin_noise",
                 "reference/pgd/nn_margin", "reference/gt/nn_margin",
                 "reference/gt/gt_recovery_median", "reference/gt/gt_recovery_positive"):

@@ -68,10 +68,13 @@ def table(roots: list[Path]) -> str:
                       ("realism/im1_real_target", "IM1 of real target images"),
                       ("realism/im1_queries", "IM1 of the unchanged queries"),
                       ("realism/im1_noise", "IM1 of the queries + Gaussian noise at the counterfactuals' MSE"),
+                      ("realism/im1_blur", "IM1 of the queries blurred to the counterfactuals' MSE"),
+                      ("realism/blur_sigma", "that blur's sigma (px)"),
                       ("realism/nn_margin_real_target", "NN margin x1000 of real target images"),
                       ("realism/nn_margin_queries", "NN margin x1000 of the unchanged queries"),
                       ("realism/nn_margin_noise",
                        "NN margin x1000 of the queries + Gaussian noise at the counterfactuals' MSE"),
+                      ("realism/nn_margin_blur", "NN margin x1000 of the queries blurred to the counterfactuals' MSE"),
                       ("realism/ae_gap_real_target", "AE gap of real target images (against the queries)")):
         vals = [_scaled(key, float(m[key])) for m in every if key in m]
         if vals:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from disc_pl.cf.engine import is_flipped
 from disc_pl.cf.pgd import targeted_pgd
+from disc_pl.data.corruptions import blur
 from disc_pl.metrics import functional as FM
 from disc_pl.metrics.judge import JudgeAgreement, judge_probs, verdicts
 from disc_pl.metrics.validity import cout, gt_recovery
@@ -134,15 +135,28 @@ def _judge_keys(prefix: str, j: dict[str, Tensor], panel: str = "judge") -> dict
 
 
 def noise_control(realism: RealismScore, x: Tensor, x_cf: Tensor, seed: int = 0) -> dict[str, float]:
-    """The realism scores of the queries plus Gaussian noise (seeded) whose mean squared size is
-    the counterfactuals' mean MSE, clamped to [0, 1]: where a change with no content lands. A
-    counterfactual that scores no better than this has not been shown realistic by the score."""
-    mse = float((x_cf.float() - x.float()).square().mean())
+    """The realism scores of two changes with no content, each as large (mean squared) as the
+    counterfactuals' mean MSE: the queries plus Gaussian noise (seeded; ``realism/*_noise``) and
+    the queries blurred by a Gaussian whose width is found to match that MSE (``realism/*_blur``,
+    with ``realism/blur_sigma`` in pixels; the widest tried, 8 px, where the blur cannot reach it).
+    A counterfactual that scores no better than these has not been shown realistic by the score."""
+    xf, mse = x.float(), float((x_cf.float() - x.float()).square().mean())
     gen = torch.Generator().manual_seed(int(seed))
-    noisy = (x.float() + mse ** 0.5 * torch.randn(x.shape, generator=gen)).clamp(0, 1).to(x.dtype)
-    out = {"realism/im1_noise": float(realism(noisy).mean())}
-    if realism.has_nn:
-        out["realism/nn_margin_noise"] = float(realism.nn(noisy).mean())
+    controls = {"noise": (xf + mse ** 0.5 * torch.randn(x.shape, generator=gen)).clamp(0, 1)}
+    lo, hi = 0.05, 8.0
+    if float((blur(xf, hi, "replicate") - xf).square().mean()) <= mse:
+        lo = hi
+    else:
+        for _ in range(20):  # the blur's MSE grows with its width: bisect on it
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if float((blur(xf, mid, "replicate") - xf).square().mean()) < mse else (lo, mid)
+    controls["blur"] = blur(xf, lo, "replicate").clamp(0, 1)
+    out = {"realism/blur_sigma": lo}
+    for name, v in controls.items():
+        v = v.to(x.dtype)
+        out[f"realism/im1_{name}"] = float(realism(v).mean())
+        if realism.has_nn:
+            out[f"realism/nn_margin_{name}"] = float(realism.nn(v).mean())
     return out
 
 
