@@ -27,8 +27,10 @@ eleventh session). So a second score, the nearest-real-image margin, asks no net
 (D the pixel count; the real images are the autoencoders' own, from the judges' split, never
 the queries' split). Below 0: nearer real images of the target class. Independent noise adds
 about its energy to every distance alike, so it leaves the margin where the query had it; only
-an edit towards what real target images look like lowers it. ``disc_pl.validity`` reports both
-scores with a noise control: the queries plus Gaussian noise at the counterfactuals' MSE.
+an edit towards what real target images look like lowers it. A blur does lower it (a smudge is
+nearer a plain garment than a printed one), so ``disc_pl.validity`` reports both scores with two
+content-free controls, each as large as the counterfactuals' change: the queries plus Gaussian
+noise, and the queries blurred. A counterfactual must beat both to count as realistic by a score.
 """
 from __future__ import annotations
 
