@@ -198,8 +198,10 @@ def ensure_realism(cfg: DictConfig, jdm: Any, source: int, target: int) -> Reali
     def images(cls: int | None) -> Tensor:
         """The class's real images the realism models see: the first max_per_class of the judges' split."""
         nonlocal labels
-        if labels is None:
-            labels = torch.tensor([int(data[i]["label"]) for i in range(len(data))])
+        if labels is None:  # the dataset's label array where it has one: no image is decoded for it
+            known = getattr(data, "labels", None)
+            labels = (torch.as_tensor(known).long() if known is not None
+                      else torch.tensor([int(data[i]["label"]) for i in range(len(data))]))
         idx = (labels == cls).nonzero().flatten().tolist() if cls is not None else list(range(len(labels)))
         idx = idx[: rc["max_per_class"] * (1 if cls is not None else 2) if rc["max_per_class"] else None]
         return torch.stack([data[i]["image"] for i in idx])
