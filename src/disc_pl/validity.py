@@ -140,16 +140,18 @@ def noise_control(realism: RealismScore, x: Tensor, x_cf: Tensor, seed: int = 0)
     the queries blurred by a Gaussian whose width is found to match that MSE (``realism/*_blur``,
     with ``realism/blur_sigma`` in pixels; the widest tried, 8 px, where the blur cannot reach it).
     A counterfactual that scores no better than these has not been shown realistic by the score."""
-    xf, mse = x.float(), float((x_cf.float() - x.float()).square().mean())
+    xf = x.float()
+    mse = float(FM.mse(xf, x_cf.float()).mean())
+    blur_mse = lambda sigma: float(FM.mse(xf, blur(xf, sigma, "replicate")).mean())  # noqa: E731
     gen = torch.Generator().manual_seed(int(seed))
     controls = {"noise": (xf + mse ** 0.5 * torch.randn(x.shape, generator=gen)).clamp(0, 1)}
     lo, hi = 0.05, 8.0
-    if float((blur(xf, hi, "replicate") - xf).square().mean()) <= mse:
+    if blur_mse(hi) <= mse:
         lo = hi
     else:
         for _ in range(20):  # the blur's MSE grows with its width: bisect on it
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if float((blur(xf, mid, "replicate") - xf).square().mean()) < mse else (lo, mid)
+            lo, hi = (mid, hi) if blur_mse(mid) < mse else (lo, mid)
     controls["blur"] = blur(xf, lo, "replicate").clamp(0, 1)
     out = {"realism/blur_sigma": lo}
     for name, v in controls.items():

@@ -194,17 +194,21 @@ def ensure_realism(cfg: DictConfig, jdm: Any, source: int, target: int) -> Reali
     knn = nn_settings(rcfg)
     data = jdm.dataset("train")
     labels = None
+    loaded: dict[int | None, Tensor] = {}  # each class's images are read once (an autoencoder's fit, the bank)
 
     def images(cls: int | None) -> Tensor:
         """The class's real images the realism models see: the first max_per_class of the judges' split."""
         nonlocal labels
+        if cls in loaded:
+            return loaded[cls]
         if labels is None:  # the dataset's label array where it has one: no image is decoded for it
             known = getattr(data, "labels", None)
             labels = (torch.as_tensor(known).long() if known is not None
                       else torch.tensor([int(data[i]["label"]) for i in range(len(data))]))
         idx = (labels == cls).nonzero().flatten().tolist() if cls is not None else list(range(len(labels)))
         idx = idx[: rc["max_per_class"] * (1 if cls is not None else 2) if rc["max_per_class"] else None]
-        return torch.stack([data[i]["image"] for i in idx])
+        loaded[cls] = torch.stack([data[i]["image"] for i in idx])
+        return loaded[cls]
 
     aes = []
     for cls in (source, target, None):  # None: every class (the manifold gap)
